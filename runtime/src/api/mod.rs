@@ -1,0 +1,290 @@
+//! The daemon's local API on a Unix socket: what `strata` and the client library speak.
+//!
+//! Wire format (see `docs/protocol.md`): every message is one frame
+//!
+//! ```text
+//! u32 BE  header length  (<= 1 MiB)
+//! bytes   header: JSON, a Request or a Reply
+//! u64 BE  payload length (<= 256 MiB; 0 when there is none)
+//! bytes   payload: raw bytes (component files, later chunk data), never re-encoded
+//! ```
+//!
+//! One request, one reply, in order, on a connection; a client may send the next request
+//! after reading the reply. The daemon reads the peer's credentials (SO_PEERCRED):
+//! management requests need uid 0 or the daemon's own uid.
+
+pub mod client;
+pub mod server;
+
+use crate::plugin::{
+    CacheOutcome, ChunkMove, ChunkRef, FailureKind, Fault, HostInfo, MembershipChange, PluginKind,
+    SlotInfo, SlotSettings, SwapReport, VersionInfo,
+};
+use serde::{Deserialize, Serialize};
+use std::io::{Read, Write};
+
+/// Largest header accepted.
+pub const MAX_HEADER: u32 = 1 << 20;
+/// Largest payload accepted.
+pub const MAX_PAYLOAD: u64 = 256 << 20;
+
+/// A request. Requests that carry bytes (a component) send them as the frame's payload.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "kebab-case")]
+pub enum Request {
+    /// Daemon version and uptime.
+    Status,
+    /// Load the payload (a component) into a new slot.
+    PluginLoad {
+        /// Slot name.
+        name: String,
+        /// World.
+        kind: PluginKind,
+        /// Where the bytes came from (for `list`).
+        source: String,
+        /// Slot settings; `None` takes the daemon's defaults.
+        settings: Option<SlotSettings>,
+    },
+    /// Hot-swap the payload into an existing slot.
+    PluginSwap {
+        /// Slot name.
+        name: String,
+        /// Where the bytes came from.
+        source: String,
+        /// New settings; `None` keeps the slot's.
+        settings: Option<SlotSettings>,
+    },
+    /// Back to the previous version.
+    PluginRollback {
+        /// Slot name.
+        name: String,
+    },
+    /// Remove a slot.
+    PluginUnload {
+        /// Slot name.
+        name: String,
+    },
+    /// All slots with versions and counters.
+    PluginList,
+    /// Ask a placement slot to order hosts for a chunk.
+    Place {
+        /// Slot name.
+        slot: String,
+        /// The chunk.
+        chunk: ChunkRef,
+        /// Its size.
+        size: u64,
+        /// Candidate hosts.
+        hosts: Vec<HostInfo>,
+    },
+    /// Ask a placement slot which copies to move after a membership change.
+    Rebalance {
+        /// Slot name.
+        slot: String,
+        /// The change.
+        change: MembershipChange,
+    },
+}
+
+impl Request {
+    /// Whether the request changes the daemon (and so needs privilege).
+    pub fn is_management(&self) -> bool {
+        matches!(
+            self,
+            Request::PluginLoad { .. }
+                | Request::PluginSwap { .. }
+                | Request::PluginRollback { .. }
+                | Request::PluginUnload { .. }
+        )
+    }
+}
+
+/// What went wrong, for the client.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{message}")]
+pub struct ApiError {
+    /// Machine-readable kind (`load`, `slot`, `call`, `permission`, `protocol`, ...).
+    pub kind: String,
+    /// Whose fault.
+    pub fault: Fault,
+    /// The message, naming the plugin where one is involved.
+    pub message: String,
+    /// The errno an aborted call fails with, where there is one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub errno: Option<i32>,
+}
+
+/// A reply.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "reply", rename_all = "kebab-case")]
+pub enum Reply {
+    /// The request failed; nothing changed.
+    Error(ApiError),
+    /// Status.
+    Status {
+        /// Daemon version.
+        version: String,
+        /// Seconds since start.
+        uptime_s: u64,
+        /// WIT package version the plugin host provides.
+        wit: String,
+    },
+    /// A slot was loaded.
+    Loaded(VersionInfo),
+    /// A swap happened.
+    Swapped(SwapReport),
+    /// A rollback happened.
+    RolledBack {
+        /// Version dropped.
+        from: u64,
+        /// Version serving now.
+        to: u64,
+    },
+    /// A slot was removed.
+    Unloaded,
+    /// The slots.
+    Plugins(Vec<SlotInfo>),
+    /// A placement answer.
+    Placed {
+        /// Hosts, alpha first.
+        hosts: Vec<String>,
+        /// Version that answered.
+        version: u64,
+        /// Set when the failure policy answered instead of the plugin.
+        failure: Option<FailureKind>,
+    },
+    /// A rebalance answer.
+    Moves {
+        /// Copies to move.
+        moves: Vec<ChunkMove>,
+        /// Version that answered.
+        version: u64,
+        /// Set when the failure policy answered instead of the plugin.
+        failure: Option<FailureKind>,
+    },
+}
+
+/// Frame errors.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum FrameError {
+    /// The peer closed the connection between frames.
+    #[error("connection closed")]
+    Closed,
+    /// I/O failed mid-frame.
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+    /// Header or payload over its limit.
+    #[error("{what} of {size} bytes is over the limit of {limit}")]
+    TooLarge {
+        /// header or payload
+        what: &'static str,
+        /// Size announced.
+        size: u64,
+        /// Limit.
+        limit: u64,
+    },
+    /// The header is not valid JSON of the expected shape.
+    #[error("bad header: {0}")]
+    BadHeader(String),
+}
+
+/// Encode one frame.
+pub fn encode<T: Serialize>(header: &T, payload: &[u8]) -> Vec<u8> {
+    let h = serde_json::to_vec(header).expect("API types serialize");
+    let mut out = Vec::with_capacity(12 + h.len() + payload.len());
+    out.extend_from_slice(&(h.len() as u32).to_be_bytes());
+    out.extend_from_slice(&h);
+    out.extend_from_slice(&(payload.len() as u64).to_be_bytes());
+    out.extend_from_slice(payload);
+    out
+}
+
+/// Write one frame (blocking).
+pub fn write_frame<T: Serialize>(
+    w: &mut impl Write,
+    header: &T,
+    payload: &[u8],
+) -> std::io::Result<()> {
+    let h = serde_json::to_vec(header).expect("API types serialize");
+    let mut head = Vec::with_capacity(12 + h.len());
+    head.extend_from_slice(&(h.len() as u32).to_be_bytes());
+    head.extend_from_slice(&h);
+    head.extend_from_slice(&(payload.len() as u64).to_be_bytes());
+    w.write_all(&head)?;
+    w.write_all(payload)?;
+    w.flush()
+}
+
+/// Read one frame (blocking).
+pub fn read_frame<T: for<'de> Deserialize<'de>>(
+    r: &mut impl Read,
+) -> Result<(T, Vec<u8>), FrameError> {
+    let mut len = [0u8; 4];
+    match r.read_exact(&mut len) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Err(FrameError::Closed),
+        Err(e) => return Err(e.into()),
+    }
+    let hlen = u32::from_be_bytes(len);
+    if hlen > MAX_HEADER {
+        return Err(FrameError::TooLarge {
+            what: "header",
+            size: hlen as u64,
+            limit: MAX_HEADER as u64,
+        });
+    }
+    let mut h = vec![0u8; hlen as usize];
+    r.read_exact(&mut h)?;
+    let mut plen = [0u8; 8];
+    r.read_exact(&mut plen)?;
+    let plen = u64::from_be_bytes(plen);
+    if plen > MAX_PAYLOAD {
+        return Err(FrameError::TooLarge {
+            what: "payload",
+            size: plen,
+            limit: MAX_PAYLOAD,
+        });
+    }
+    let mut p = vec![0u8; plen as usize];
+    r.read_exact(&mut p)?;
+    let header = serde_json::from_slice(&h).map_err(|e| FrameError::BadHeader(e.to_string()))?;
+    Ok((header, p))
+}
+
+/// Shorthand for the cache outcome in CLI output.
+pub fn cache_word(c: CacheOutcome) -> &'static str {
+    match c {
+        CacheOutcome::Hit => "hit",
+        CacheOutcome::Miss => "miss",
+        CacheOutcome::Disabled => "off",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frame_round_trip_and_limits() {
+        let bytes = encode(&Request::PluginList, b"xyz");
+        let (req, payload): (Request, Vec<u8>) = read_frame(&mut &bytes[..]).unwrap();
+        assert!(matches!(req, Request::PluginList));
+        assert_eq!(payload, b"xyz");
+        // truncated frames and garbage never panic
+        for cut in 0..bytes.len() {
+            assert!(read_frame::<Request>(&mut &bytes[..cut]).is_err());
+        }
+        let mut huge = (MAX_HEADER + 1).to_be_bytes().to_vec();
+        huge.extend_from_slice(&[0; 16]);
+        assert!(matches!(
+            read_frame::<Request>(&mut &huge[..]),
+            Err(FrameError::TooLarge { .. })
+        ));
+        let bad = encode(&serde_json::json!({"op": "explode"}), b"");
+        assert!(matches!(
+            read_frame::<Request>(&mut &bad[..]),
+            Err(FrameError::BadHeader(_))
+        ));
+    }
+}

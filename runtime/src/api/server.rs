@@ -1,0 +1,345 @@
+//! The daemon side of the local API: a thin async shell around [`Daemon::handle`].
+
+use super::{ApiError, FrameError, Reply, Request, MAX_HEADER, MAX_PAYLOAD};
+use crate::config::Config;
+use crate::plugin::{
+    CallError, Fault, HostConfig, LoadError, PluginHost, RedbKv, SlotError, SlotSettings,
+};
+use crate::store::{SlotRecord, Store};
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{UnixListener, UnixStream};
+
+/// The daemon's state: plugin host and metadata store.
+pub struct Daemon {
+    cfg: Config,
+    host: PluginHost,
+    store: Store,
+    started: Instant,
+    uid: u32,
+}
+
+fn err(kind: &str, fault: Fault, message: impl ToString) -> Reply {
+    Reply::Error(ApiError {
+        kind: kind.into(),
+        fault,
+        message: message.to_string(),
+        errno: None,
+    })
+}
+
+fn load_err(e: LoadError) -> Reply {
+    err("load", e.fault(), e)
+}
+
+fn slot_err(e: SlotError) -> Reply {
+    err("slot", Fault::Caller, e)
+}
+
+fn call_err(e: CallError) -> Reply {
+    match e {
+        CallError::Slot(s) => slot_err(s),
+        CallError::Aborted { errno, .. } => {
+            let message = e.to_string();
+            Reply::Error(ApiError {
+                kind: "call".into(),
+                fault: Fault::Plugin,
+                message,
+                errno: Some(errno),
+            })
+        }
+        other => err("call", Fault::Plugin, other),
+    }
+}
+
+impl Daemon {
+    /// Open the store, start the plugin host and load the recorded slots.
+    pub fn open(cfg: Config) -> anyhow::Result<Daemon> {
+        std::fs::create_dir_all(&cfg.data_dir)?;
+        let store = Store::open(&cfg.data_dir)?;
+        let kv = Arc::new(RedbKv::new(store.db()).map_err(|e| anyhow::anyhow!("plugin kv: {e}"))?);
+        let host_cfg = HostConfig {
+            cache_dir: cfg
+                .plugins
+                .precompiled_cache
+                .then(|| cfg.data_dir.join("cache")),
+            max_component_bytes: cfg.plugins.max_component_bytes,
+            max_config_bytes: cfg.plugins.max_config_bytes,
+            ..HostConfig::default()
+        };
+        let host = PluginHost::new(host_cfg, kv)?;
+        let d = Daemon {
+            cfg,
+            host,
+            store,
+            started: Instant::now(),
+            uid: unsafe_free_getuid(),
+        };
+        for (name, rec) in d.store.slots()? {
+            let loaded = d
+                .store
+                .blob(&rec.digest)
+                .map_err(|e| e.to_string())
+                .and_then(|bytes| {
+                    d.host
+                        .load(&name, rec.kind, &bytes, &rec.source, rec.settings.clone())
+                        .map_err(|e| e.to_string())
+                });
+            match loaded {
+                Ok(v) => {
+                    tracing::info!(plugin = %name, version = v.id, cache = ?v.cache, compile_ms = v.compile_ms, "plugin restored")
+                }
+                Err(e) => tracing::error!(plugin = %name, "could not restore plugin slot: {e}"),
+            }
+        }
+        Ok(d)
+    }
+
+    /// The plugin host (for in-process users such as benchmarks and tests).
+    pub fn host(&self) -> &PluginHost {
+        &self.host
+    }
+
+    fn default_settings(&self) -> SlotSettings {
+        SlotSettings {
+            deadline_ms: self.cfg.plugins.deadline_ms,
+            memory_limit: self.cfg.plugins.memory_limit,
+            ..SlotSettings::default()
+        }
+    }
+
+    fn record(&self, name: &str) -> anyhow::Result<()> {
+        let info = self.host.get(name)?;
+        self.store.put_slot(
+            name,
+            &SlotRecord {
+                kind: info.kind,
+                digest: info.current.digest,
+                source: info.current.source,
+                settings: info.settings,
+            },
+        )
+    }
+
+    /// Serve one request. Blocking (plugin calls run here): call from a blocking thread.
+    pub fn handle(&self, req: Request, payload: Vec<u8>, peer_uid: Option<u32>) -> Reply {
+        if req.is_management() {
+            let allowed = matches!(peer_uid, Some(0)) || peer_uid == Some(self.uid);
+            if !allowed {
+                return err(
+                    "permission",
+                    Fault::Caller,
+                    "plugin management needs root or the daemon's user",
+                );
+            }
+        }
+        match req {
+            Request::Status => Reply::Status {
+                version: env!("CARGO_PKG_VERSION").into(),
+                uptime_s: self.started.elapsed().as_secs(),
+                wit: crate::plugin::WIT_VERSION.into(),
+            },
+            Request::PluginLoad {
+                name,
+                kind,
+                source,
+                settings,
+            } => {
+                let settings = settings.unwrap_or_else(|| self.default_settings());
+                match self.host.load(&name, kind, &payload, &source, settings) {
+                    Ok(v) => {
+                        if let Err(e) = self
+                            .store
+                            .put_blob(&v.digest, &payload)
+                            .and_then(|()| self.record(&name))
+                        {
+                            let _ = self.host.unload(&name);
+                            return err(
+                                "store",
+                                Fault::Host,
+                                format!("plugin '{name}': cannot record slot: {e}"),
+                            );
+                        }
+                        Reply::Loaded(v)
+                    }
+                    Err(e) => load_err(e),
+                }
+            }
+            Request::PluginSwap {
+                name,
+                source,
+                settings,
+            } => match self.host.swap(&name, &payload, &source, settings) {
+                Ok(r) => {
+                    let digest = self
+                        .host
+                        .get(&name)
+                        .map(|i| i.current.digest)
+                        .unwrap_or_default();
+                    if let Err(e) = self
+                        .store
+                        .put_blob(&digest, &payload)
+                        .and_then(|()| self.record(&name))
+                    {
+                        tracing::error!(plugin = %name, "swap done but not recorded: {e}");
+                    }
+                    Reply::Swapped(r)
+                }
+                Err(e) => load_err(e),
+            },
+            Request::PluginRollback { name } => match self.host.rollback(&name) {
+                Ok((from, to)) => {
+                    if let Err(e) = self.record(&name) {
+                        tracing::error!(plugin = %name, "rollback done but not recorded: {e}");
+                    }
+                    Reply::RolledBack { from, to }
+                }
+                Err(e) => slot_err(e),
+            },
+            Request::PluginUnload { name } => match self.host.unload(&name) {
+                Ok(()) => {
+                    if let Err(e) = self.store.remove_slot(&name) {
+                        tracing::error!(plugin = %name, "unloaded but not removed from the registry: {e}");
+                    }
+                    Reply::Unloaded
+                }
+                Err(e) => slot_err(e),
+            },
+            Request::PluginList => Reply::Plugins(self.host.list()),
+            Request::Place {
+                slot,
+                chunk,
+                size,
+                hosts,
+            } => match self.host.place(&slot, &chunk, size, &hosts) {
+                Ok(s) => Reply::Placed {
+                    hosts: s.value,
+                    version: s.version,
+                    failure: s.failure,
+                },
+                Err(e) => call_err(e),
+            },
+            Request::Rebalance { slot, change } => match self.host.rebalance(&slot, &change) {
+                Ok(s) => Reply::Moves {
+                    moves: s.value,
+                    version: s.version,
+                    failure: s.failure,
+                },
+                Err(e) => call_err(e),
+            },
+        }
+    }
+}
+
+fn unsafe_free_getuid() -> u32 {
+    // Our own uid, read without libc: the owner of /proc/self.
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self")
+        .map(|m| m.uid())
+        .unwrap_or(u32::MAX)
+}
+
+async fn read_frame(s: &mut UnixStream) -> Result<(Request, Vec<u8>), FrameError> {
+    let mut len = [0u8; 4];
+    match s.read_exact(&mut len).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Err(FrameError::Closed),
+        Err(e) => return Err(e.into()),
+    }
+    let hlen = u32::from_be_bytes(len);
+    if hlen > MAX_HEADER {
+        return Err(FrameError::TooLarge {
+            what: "header",
+            size: hlen as u64,
+            limit: MAX_HEADER as u64,
+        });
+    }
+    let mut h = vec![0u8; hlen as usize];
+    s.read_exact(&mut h).await?;
+    let mut plen = [0u8; 8];
+    s.read_exact(&mut plen).await?;
+    let plen = u64::from_be_bytes(plen);
+    if plen > MAX_PAYLOAD {
+        return Err(FrameError::TooLarge {
+            what: "payload",
+            size: plen,
+            limit: MAX_PAYLOAD,
+        });
+    }
+    let mut p = vec![0u8; plen as usize];
+    s.read_exact(&mut p).await?;
+    let req = serde_json::from_slice(&h).map_err(|e| FrameError::BadHeader(e.to_string()))?;
+    Ok((req, p))
+}
+
+async fn serve_conn(daemon: Arc<Daemon>, mut s: UnixStream) {
+    let uid = s.peer_cred().ok().map(|c| c.uid());
+    loop {
+        let reply = match read_frame(&mut s).await {
+            Ok((req, payload)) => {
+                let d = daemon.clone();
+                match tokio::task::spawn_blocking(move || d.handle(req, payload, uid)).await {
+                    Ok(r) => r,
+                    Err(e) => err(
+                        "internal",
+                        Fault::Host,
+                        format!("request handler failed: {e}"),
+                    ),
+                }
+            }
+            Err(FrameError::Closed) => return,
+            Err(FrameError::Io(e)) => {
+                tracing::debug!("client connection failed: {e}");
+                return;
+            }
+            Err(e) => {
+                // Framing is lost after a bad frame: answer, then close.
+                let _ = s
+                    .write_all(&super::encode(&err("protocol", Fault::Caller, e), b""))
+                    .await;
+                return;
+            }
+        };
+        if s.write_all(&super::encode(&reply, b"")).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Run the daemon until SIGTERM or SIGINT.
+pub async fn run(cfg: Config) -> anyhow::Result<()> {
+    let socket = cfg.socket.clone();
+    if let Some(dir) = socket.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    if socket.exists() {
+        // A live daemon answers; a stale socket file does not.
+        if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
+            anyhow::bail!("another daemon is serving {}", socket.display());
+        }
+        std::fs::remove_file(&socket)?;
+    }
+    let daemon = Arc::new(tokio::task::spawn_blocking(move || Daemon::open(cfg)).await??);
+    let listener = UnixListener::bind(&socket)?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o666))?;
+    }
+    tracing::info!(socket = %socket.display(), "stratad serving");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    loop {
+        tokio::select! {
+            a = listener.accept() => match a {
+                Ok((s, _)) => { tokio::spawn(serve_conn(daemon.clone(), s)); }
+                Err(e) => tracing::warn!("accept failed: {e}"),
+            },
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        }
+    }
+    tracing::info!("stratad stopping");
+    let _ = std::fs::remove_file(&socket);
+    Ok(())
+}

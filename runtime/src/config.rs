@@ -1,0 +1,115 @@
+//! `stratad` configuration (TOML). Every field has a default, so an empty file is valid.
+//!
+//! ```toml
+//! data_dir = "/var/lib/strata"        # metadata store, plugin blobs, precompiled cache
+//! socket = "/run/strata/stratad.sock" # local admin/client API
+//! log = "info"                        # tracing filter
+//!
+//! [plugins]
+//! deadline_ms = 10                    # default per-call deadline of new slots
+//! memory_limit = 67108864             # default memory cap of new slots
+//! max_component_bytes = 67108864
+//! max_config_bytes = 65536
+//! precompiled_cache = true
+//! ```
+
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// The daemon's configuration.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Where the daemon keeps its state.
+    pub data_dir: PathBuf,
+    /// The local API socket.
+    pub socket: PathBuf,
+    /// `tracing` filter directive.
+    pub log: String,
+    /// Plugin host settings.
+    pub plugins: PluginConfig,
+}
+
+/// `[plugins]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PluginConfig {
+    /// Default deadline of a call for slots loaded without one.
+    pub deadline_ms: u64,
+    /// Default memory cap of an instance.
+    pub memory_limit: usize,
+    /// Largest component accepted.
+    pub max_component_bytes: usize,
+    /// Largest slot config accepted.
+    pub max_config_bytes: usize,
+    /// Keep precompiled components under `data_dir/cache`.
+    pub precompiled_cache: bool,
+}
+
+impl Default for PluginConfig {
+    fn default() -> Self {
+        PluginConfig {
+            deadline_ms: 10,
+            memory_limit: 64 << 20,
+            max_component_bytes: 64 << 20,
+            max_config_bytes: 64 << 10,
+            precompiled_cache: true,
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            data_dir: PathBuf::from("/var/lib/strata"),
+            socket: PathBuf::from("/run/strata/stratad.sock"),
+            log: "info".into(),
+            plugins: PluginConfig::default(),
+        }
+    }
+}
+
+impl Config {
+    /// Read and check a config file.
+    pub fn load(path: &Path) -> anyhow::Result<Config> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("cannot read config {}: {e}", path.display()))?;
+        let cfg: Config =
+            toml::from_str(&text).map_err(|e| anyhow::anyhow!("config {}: {e}", path.display()))?;
+        cfg.check()?;
+        Ok(cfg)
+    }
+
+    /// Reject values the daemon cannot run with.
+    pub fn check(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.plugins.deadline_ms > 0,
+            "plugins.deadline_ms must be positive"
+        );
+        anyhow::ensure!(
+            self.plugins.memory_limit >= 1 << 20,
+            "plugins.memory_limit must be at least 1 MiB"
+        );
+        anyhow::ensure!(
+            self.socket.as_os_str().len() < 100,
+            "socket path {} is too long for a Unix socket",
+            self.socket.display()
+        );
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_config_is_defaults_and_unknown_keys_fail() {
+        let c: Config = toml::from_str("").unwrap();
+        assert_eq!(c.plugins.deadline_ms, 10);
+        assert!(toml::from_str::<Config>("colour = 1").is_err());
+        let c: Config = toml::from_str("data_dir = \"/x\"\n[plugins]\ndeadline_ms = 5").unwrap();
+        assert_eq!(c.plugins.deadline_ms, 5);
+        assert_eq!(c.data_dir, PathBuf::from("/x"));
+    }
+}

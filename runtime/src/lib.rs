@@ -1,0 +1,14 @@
+//! Strata runtime: the `stratad` daemon, the `strata` CLI and the modules they share.
+//!
+//! ```text
+//!  strata (CLI) ──┐                        ┌─► plugin::PluginHost ─► Wasm components
+//!  client libs ───┼─► Unix socket ─► api::server::Daemon
+//!                 │   (frames: JSON header │─► store::Store (redb: registry, plugin kv)
+//!                 │    + raw payload)      └─► (later: spaces, shm, dm, fuse, net, ...)
+//! ```
+#![warn(missing_docs)]
+
+pub mod api;
+pub mod config;
+pub mod plugin;
+pub mod store;

@@ -1,0 +1,191 @@
+//! Shared helpers of the end-to-end tests: start a real `stratad` in a temporary directory,
+//! run the real `strata` CLI against it, find the test components.
+//!
+//! The binaries are those of the same build as the test (next to the test executable's
+//! `deps/` directory): run `cargo build --workspace --bins` before `cargo test` (the
+//! project's test script does).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// A built binary of the workspace.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "MISSING BINARY {}: run `cargo build --workspace --bins` before the end-to-end tests",
+        path.display()
+    );
+    path
+}
+
+/// Where the guest components are (scripts/build-plugins.sh puts them there).
+pub fn components_dir() -> PathBuf {
+    match std::env::var_os("STRATA_COMPONENTS") {
+        Some(d) => PathBuf::from(d),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/wasm-components"),
+    }
+}
+
+/// Path of a test component, which must exist.
+pub fn component(name: &str) -> PathBuf {
+    let p = components_dir().join(format!("{name}.wasm"));
+    assert!(
+        p.exists(),
+        "MISSING TEST COMPONENT {}: run scripts/build-plugins.sh and scripts/build-py-plugin.sh",
+        p.display()
+    );
+    p
+}
+
+/// A running daemon in its own temporary directory; killed when dropped.
+pub struct Daemon {
+    child: Option<Child>,
+    /// The directory holding data, socket and log.
+    pub dir: PathBuf,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+impl Daemon {
+    /// Start a daemon in a new temporary directory.
+    pub fn start() -> Daemon {
+        let tmp = tempfile::Builder::new()
+            .prefix("strata-e2e")
+            .tempdir()
+            .expect("tempdir");
+        let dir = tmp.path().to_path_buf();
+        let mut d = Daemon {
+            child: None,
+            dir,
+            _tmp: Some(tmp),
+        };
+        d.spawn();
+        d
+    }
+
+    /// The socket path.
+    pub fn socket(&self) -> PathBuf {
+        self.dir.join("stratad.sock")
+    }
+
+    /// The daemon's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("stratad.log")).unwrap_or_default()
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("stratad.log"))
+            .expect("log file");
+        let child = Command::new(bin("stratad"))
+            .arg("--data-dir")
+            .arg(self.dir.join("data"))
+            .arg("--socket")
+            .arg(self.socket())
+            .env("STRATA_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("start stratad");
+        self.child = Some(child);
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_secs(30) {
+            if std::os::unix::net::UnixStream::connect(self.socket()).is_ok() {
+                return;
+            }
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!("stratad exited with {status}: {}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("stratad did not come up in 30 s: {}", self.log());
+    }
+
+    /// Stop with SIGTERM and wait; return whether it exited cleanly.
+    pub fn stop(&mut self) -> bool {
+        let Some(mut c) = self.child.take() else {
+            return true;
+        };
+        unsafe_free_kill(c.id(), "TERM");
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_secs(10) {
+            if let Ok(Some(s)) = c.try_wait() {
+                return s.success();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = c.kill();
+        let _ = c.wait();
+        false
+    }
+
+    /// Stop and start again on the same directory.
+    pub fn restart(&mut self) {
+        assert!(self.stop(), "stratad did not stop cleanly: {}", self.log());
+        self.spawn();
+    }
+
+    /// Run `strata ARGS` against this daemon.
+    pub fn strata(&self, args: &[&str]) -> Output {
+        self.strata_cmd(args).output().expect("run strata")
+    }
+
+    /// A `strata ARGS` command against this daemon, to adjust before running.
+    pub fn strata_cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(bin("strata"));
+        c.arg("--socket").arg(self.socket()).args(args);
+        c
+    }
+
+    /// Run `strata ARGS`, which must succeed; its stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let o = self.strata(args);
+        assert!(
+            o.status.success(),
+            "strata {args:?} failed ({}): {}{}",
+            o.status,
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+}
+
+fn unsafe_free_kill(pid: u32, sig: &str) {
+    let _ = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status();
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Whether the tests run as root (some need it to act as another user).
+pub fn is_root() -> bool {
+    // SAFETY-free: geteuid via libc has no preconditions.
+    unsafe_free_euid() == 0
+}
+
+fn unsafe_free_euid() -> u32 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self")
+        .map(|m| m.uid())
+        .unwrap_or(u32::MAX)
+}
