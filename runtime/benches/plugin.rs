@@ -66,6 +66,13 @@ fn main() {
         .collect();
     let cfg = placement_rendezvous::Config::default();
     let names: Vec<String> = (0..1024).map(|i| format!("chunk-{i}")).collect();
+    let sdk_chunks: Vec<sdk::ChunkRef> = names
+        .iter()
+        .map(|n| sdk::ChunkRef {
+            space: "s".into(),
+            name: n.clone(),
+        })
+        .collect();
 
     // Warm up both paths.
     for n in names.iter().take(200) {
@@ -81,13 +88,14 @@ fn main() {
             )
             .unwrap(),
         );
-        black_box(placement_rendezvous::rank("s", n, &cands, &cfg).unwrap());
+        black_box(placement_rendezvous::rank(&sdk_chunks[0], &cands, &cfg).unwrap());
     }
 
     let t = Instant::now();
     for i in 0..calls {
-        let n = &names[(i % 1024) as usize];
-        black_box(placement_rendezvous::rank("s", n, &cands, &cfg).unwrap());
+        black_box(
+            placement_rendezvous::rank(&sdk_chunks[(i % 1024) as usize], &cands, &cfg).unwrap(),
+        );
     }
     let native_ns = t.elapsed().as_nanos() as f64 / calls as f64;
 

@@ -59,21 +59,21 @@ fn settings(config: &str) -> SlotSettings {
 
 /// The rendezvous order computed natively by the same crate the component is built from.
 fn native_rank(c: &ChunkRef, hs: &[HostInfo]) -> Vec<String> {
-    let input: Vec<placement_rendezvous::Candidate> = hs
+    use strata_plugin_sdk::placement as sdk;
+    let chunk = sdk::ChunkRef {
+        space: c.space.clone(),
+        name: c.name.clone(),
+    };
+    let input: Vec<sdk::HostInfo> = hs
         .iter()
-        .map(|h| placement_rendezvous::Candidate {
+        .map(|h| sdk::HostInfo {
             id: h.id.clone(),
             free_bytes: h.free_bytes,
             capacity_bytes: h.capacity_bytes,
         })
         .collect();
-    placement_rendezvous::rank(
-        &c.space,
-        &c.name,
-        &input,
-        &placement_rendezvous::Config::default(),
-    )
-    .expect("native rank")
+    placement_rendezvous::rank(&chunk, &input, &placement_rendezvous::Config::default())
+        .expect("native rank")
 }
 
 #[test]
@@ -129,7 +129,13 @@ fn faulty_plugins_get_their_failure_policy_and_are_counted() {
     for (name, kind) in cases {
         let mut s = settings("");
         s.memory_limit = 16 << 20;
-        s.deadline_ms = 20;
+        // Only the looping plugin is meant to time out; the hog must reach the memory cap
+        // first (filling 16 MiB byte by byte takes a while on a busy machine).
+        s.deadline_ms = if kind == FailureKind::Timeout {
+            20
+        } else {
+            5_000
+        };
         h.load(name, PluginKind::Placement, &component(name), "test", s)
             .unwrap();
         for i in 0..3 {
@@ -153,8 +159,9 @@ fn faulty_plugins_get_their_failure_policy_and_are_counted() {
         };
         assert_eq!(counted, 3, "{name}: {st:?}");
         if kind != FailureKind::Malformed {
-            // A trapped instance is discarded: each call needed a fresh one (+1 self-test).
-            assert_eq!(st.instances, 1 + 3, "{name}: {st:?}");
+            // A trapped instance is discarded, never re-entered: the first call used the
+            // self-test's instance, each later call needed a fresh one.
+            assert_eq!(st.instances, 3, "{name}: {st:?}");
         }
         // The daemon is still serving: the healthy slot answers.
         assert_eq!(h.place("good", &chunk("z"), 1, &hs).unwrap().failure, None);
@@ -212,46 +219,64 @@ fn libc_eacces() -> i32 {
 #[test]
 fn swap_under_four_concurrent_callers_loses_no_call() {
     let (h, _) = host();
+    // The deadline is wall-clock: 4 callers on a 2-core machine get preempted for longer
+    // than the default 10 ms. This test is about the swap, not the deadline.
+    let mut s = settings("");
+    s.deadline_ms = 5_000;
     let v1 = h
         .load(
             "p",
             PluginKind::Placement,
             &component("placement-rendezvous"),
             "v1",
-            settings(""),
+            s,
         )
         .unwrap()
         .id;
     let echo = component("placement-echo");
     let hs = hosts(6);
+    // Each caller makes at least PER_THREAD calls and keeps calling until it has made one
+    // call begun after the swap returned, so the calls span the switch on any machine.
     const PER_THREAD: u64 = 2_500;
     let clock = Arc::new(AtomicU64::new(0));
+    let swapped = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let start = Arc::new(Barrier::new(5));
     let mut workers = Vec::new();
     for t in 0..4 {
-        let (h, hs, clock, start) = (h.clone(), hs.clone(), clock.clone(), start.clone());
+        let (h, hs, clock, start, swapped) = (
+            h.clone(),
+            hs.clone(),
+            clock.clone(),
+            start.clone(),
+            swapped.clone(),
+        );
         workers.push(std::thread::spawn(move || {
             start.wait();
             let mut log = Vec::with_capacity(PER_THREAD as usize);
-            for i in 0..PER_THREAD {
+            let mut i = 0u64;
+            let mut called_after_swap = false;
+            while i < PER_THREAD || !called_after_swap {
+                called_after_swap = swapped.load(Ordering::SeqCst);
                 let c = chunk(&format!("t{t}-{i}"));
                 let begin = clock.fetch_add(1, Ordering::SeqCst);
                 let served = h.place("p", &c, 1, &hs).expect("call answered");
                 let end = clock.fetch_add(1, Ordering::SeqCst);
                 assert_eq!(served.failure, None);
                 log.push((begin, end, served.version, served.value, c));
+                i += 1;
             }
             log
         }));
     }
     start.wait();
     // Let the callers get going, then swap.
-    while clock.load(Ordering::SeqCst) < 2 * 4 * PER_THREAD / 3 {
+    while clock.load(Ordering::SeqCst) < 2 * 4 * 200 {
         std::thread::yield_now();
     }
     let swap_begin = clock.fetch_add(1, Ordering::SeqCst);
     let report = h.swap("p", &echo, "v2", None).unwrap();
     let swap_end = clock.fetch_add(1, Ordering::SeqCst);
+    swapped.store(true, Ordering::SeqCst);
     assert_eq!(report.from, v1);
     let v2 = report.to;
     let mut per_version = BTreeMap::new();
@@ -284,14 +309,15 @@ fn swap_under_four_concurrent_callers_loses_no_call() {
             }
         }
     }
-    assert_eq!(total, 4 * PER_THREAD);
+    assert!(total >= 4 * PER_THREAD, "{total} calls");
     assert!(
-        per_version[&v1] > 0 && per_version[&v2] > 0,
-        "{per_version:?}"
+        per_version.get(&v1).is_some_and(|n| *n > 0)
+            && per_version.get(&v2).is_some_and(|n| *n > 0),
+        "v1={v1} v2={v2} {per_version:?}"
     );
     let info = h.get("p").unwrap();
-    assert_eq!(info.total.calls, 4 * PER_THREAD);
-    assert_eq!(info.total.ok, 4 * PER_THREAD);
+    assert_eq!(info.total.calls, total, "every call counted once");
+    assert_eq!(info.total.ok, total, "every call answered by a plugin");
 }
 
 #[test]

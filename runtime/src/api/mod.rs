@@ -114,9 +114,9 @@ pub struct ApiError {
     pub errno: Option<i32>,
 }
 
-/// A reply.
+/// A reply: `{"reply": "<kind>", "value": ...}`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(tag = "reply", rename_all = "kebab-case")]
+#[serde(tag = "reply", content = "value", rename_all = "kebab-case")]
 pub enum Reply {
     /// The request failed; nothing changed.
     Error(ApiError),
@@ -189,15 +189,24 @@ pub enum FrameError {
     BadHeader(String),
 }
 
-/// Encode one frame.
-pub fn encode<T: Serialize>(header: &T, payload: &[u8]) -> Vec<u8> {
-    let h = serde_json::to_vec(header).expect("API types serialize");
-    let mut out = Vec::with_capacity(12 + h.len() + payload.len());
+/// The frame head (lengths and header) for `header` and a payload of `payload_len` bytes.
+fn head<T: Serialize>(header: &T, payload_len: usize) -> std::io::Result<Vec<u8>> {
+    let h = serde_json::to_vec(header).map_err(std::io::Error::other)?;
+    if h.len() > MAX_HEADER as usize || payload_len as u64 > MAX_PAYLOAD {
+        return Err(std::io::Error::other("frame over the protocol's limits"));
+    }
+    let mut out = Vec::with_capacity(12 + h.len());
     out.extend_from_slice(&(h.len() as u32).to_be_bytes());
     out.extend_from_slice(&h);
-    out.extend_from_slice(&(payload.len() as u64).to_be_bytes());
+    out.extend_from_slice(&(payload_len as u64).to_be_bytes());
+    Ok(out)
+}
+
+/// Encode one frame.
+pub fn encode<T: Serialize>(header: &T, payload: &[u8]) -> std::io::Result<Vec<u8>> {
+    let mut out = head(header, payload.len())?;
     out.extend_from_slice(payload);
-    out
+    Ok(out)
 }
 
 /// Write one frame (blocking).
@@ -206,12 +215,7 @@ pub fn write_frame<T: Serialize>(
     header: &T,
     payload: &[u8],
 ) -> std::io::Result<()> {
-    let h = serde_json::to_vec(header).expect("API types serialize");
-    let mut head = Vec::with_capacity(12 + h.len());
-    head.extend_from_slice(&(h.len() as u32).to_be_bytes());
-    head.extend_from_slice(&h);
-    head.extend_from_slice(&(payload.len() as u64).to_be_bytes());
-    w.write_all(&head)?;
+    w.write_all(&head(header, payload.len())?)?;
     w.write_all(payload)?;
     w.flush()
 }
@@ -267,7 +271,7 @@ mod tests {
 
     #[test]
     fn frame_round_trip_and_limits() {
-        let bytes = encode(&Request::PluginList, b"xyz");
+        let bytes = encode(&Request::PluginList, b"xyz").unwrap();
         let (req, payload): (Request, Vec<u8>) = read_frame(&mut &bytes[..]).unwrap();
         assert!(matches!(req, Request::PluginList));
         assert_eq!(payload, b"xyz");
@@ -281,7 +285,7 @@ mod tests {
             read_frame::<Request>(&mut &huge[..]),
             Err(FrameError::TooLarge { .. })
         ));
-        let bad = encode(&serde_json::json!({"op": "explode"}), b"");
+        let bad = encode(&serde_json::json!({"op": "explode"}), b"").unwrap();
         assert!(matches!(
             read_frame::<Request>(&mut &bad[..]),
             Err(FrameError::BadHeader(_))

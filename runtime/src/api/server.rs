@@ -295,14 +295,26 @@ async fn serve_conn(daemon: Arc<Daemon>, mut s: UnixStream) {
             }
             Err(e) => {
                 // Framing is lost after a bad frame: answer, then close.
-                let _ = s
-                    .write_all(&super::encode(&err("protocol", Fault::Caller, e), b""))
-                    .await;
+                if let Ok(frame) = super::encode(&err("protocol", Fault::Caller, e), b"") {
+                    let _ = s.write_all(&frame).await;
+                }
                 return;
             }
         };
-        if s.write_all(&super::encode(&reply, b"")).await.is_err() {
-            return;
+        let frame = super::encode(&reply, b"").or_else(|e| {
+            tracing::error!("cannot encode a reply: {e}");
+            super::encode(
+                &err(
+                    "internal",
+                    Fault::Host,
+                    format!("cannot encode the reply: {e}"),
+                ),
+                b"",
+            )
+        });
+        match frame {
+            Ok(f) if s.write_all(&f).await.is_ok() => {}
+            _ => return,
         }
     }
 }
