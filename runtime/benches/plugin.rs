@@ -56,9 +56,10 @@ fn main() {
     )
     .expect("load");
     let hs = hosts(8);
-    let cands: Vec<placement_rendezvous::Candidate> = hs
+    use strata_plugin_sdk::placement as sdk;
+    let cands: Vec<sdk::HostInfo> = hs
         .iter()
-        .map(|h| placement_rendezvous::Candidate {
+        .map(|h| sdk::HostInfo {
             id: h.id.clone(),
             free_bytes: h.free_bytes,
             capacity_bytes: h.capacity_bytes,

@@ -511,6 +511,15 @@ fn precompiled_cache_is_used_after_restart() {
         .is_none());
 }
 
+/// A bad-input case: slot name, bytes, kind, settings, and the error expected.
+type Case = (
+    &'static str,
+    Vec<u8>,
+    PluginKind,
+    SlotSettings,
+    fn(&LoadError) -> bool,
+);
+
 #[test]
 fn bad_components_get_clear_errors_naming_the_plugin_and_change_nothing() {
     let (h, _) = host();
@@ -524,13 +533,7 @@ fn bad_components_get_clear_errors_naming_the_plugin_and_change_nothing() {
     .unwrap();
     let before = h.list();
     let core_module = b"\0asm\x01\0\0\0".to_vec();
-    let cases: Vec<(
-        &str,
-        Vec<u8>,
-        PluginKind,
-        SlotSettings,
-        fn(&LoadError) -> bool,
-    )> = vec![
+    let cases: Vec<Case> = vec![
         (
             "not-wasm",
             b"#!/bin/sh\necho hi\n".to_vec(),

@@ -115,11 +115,13 @@ fn restart_restores_slots_from_the_precompiled_cache_with_their_state() {
     assert_eq!(v[0]["settings"]["config"], "count=true");
     assert!(d.log().contains("plugin restored"));
     // The plugin's kv state survived the restart: the next call makes it 5.
+    assert_eq!(d.ok(&["plugin", "state", "p"]).trim(), "calls\t4");
     d.ok(&["place", "p", "s", "c", "--host", "x:1"]);
-    let data = d.dir.join("data");
-    assert!(data.join("meta.redb").exists());
-    drop(d);
-    let _ = data;
+    assert_eq!(d.ok(&["plugin", "state", "p"]).trim(), "calls\t5");
+    // A swap after the restart keeps it too.
+    d.ok(&["plugin", "swap", "p", &comp("placement-echo")]);
+    d.ok(&["place", "p", "s", "c", "--host", "x:1"]);
+    assert_eq!(d.ok(&["plugin", "state", "p"]).trim(), "calls\t6");
 }
 
 #[test]
@@ -137,9 +139,18 @@ fn management_needs_privilege_but_queries_do_not() {
         "placement",
     ]);
     let nobody = |args: &[&str]| d.strata_cmd(args).uid(65534).gid(65534).output().unwrap();
-    let o = nobody(&["plugin", "unload", "p"]);
-    assert_eq!(o.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("needs root"));
+    for args in [
+        &["plugin", "unload", "p"][..],
+        &["plugin", "state", "p"],
+        &["plugin", "rollback", "p"],
+    ] {
+        let o = nobody(args);
+        assert_eq!(o.status.code(), Some(2), "{args:?}");
+        assert!(
+            String::from_utf8_lossy(&o.stderr).contains("needs root"),
+            "{args:?}"
+        );
+    }
     let o = nobody(&["plugin", "list"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let o = nobody(&["place", "p", "s", "c", "--host", "x:1"]);

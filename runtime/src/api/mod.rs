@@ -66,6 +66,11 @@ pub enum Request {
     },
     /// All slots with versions and counters.
     PluginList,
+    /// A slot's key-value state.
+    PluginState {
+        /// Slot name.
+        name: String,
+    },
     /// Ask a placement slot to order hosts for a chunk.
     Place {
         /// Slot name.
@@ -87,11 +92,12 @@ pub enum Request {
 }
 
 impl Request {
-    /// Whether the request changes the daemon (and so needs privilege).
+    /// Whether the request changes the daemon or reads plugin state (and so needs privilege).
     pub fn is_management(&self) -> bool {
         matches!(
             self,
-            Request::PluginLoad { .. }
+            Request::PluginState { .. }
+                | Request::PluginLoad { .. }
                 | Request::PluginSwap { .. }
                 | Request::PluginRollback { .. }
                 | Request::PluginUnload { .. }
@@ -144,6 +150,8 @@ pub enum Reply {
     Unloaded,
     /// The slots.
     Plugins(Vec<SlotInfo>),
+    /// A slot's key-value state: (key, value) pairs in key order.
+    State(Vec<(String, Vec<u8>)>),
     /// A placement answer.
     Placed {
         /// Hosts, alpha first.

@@ -207,6 +207,10 @@ impl Daemon {
                 Err(e) => slot_err(e),
             },
             Request::PluginList => Reply::Plugins(self.host.list()),
+            Request::PluginState { name } => match self.host.state(&name) {
+                Ok(kv) => Reply::State(kv),
+                Err(e) => slot_err(e),
+            },
             Request::Place {
                 slot,
                 chunk,

@@ -146,6 +146,11 @@ enum PluginCmd {
         #[arg(long)]
         json: bool,
     },
+    /// A slot's key-value state (UTF-8 values as text, others in hex).
+    State {
+        /// Slot name.
+        name: String,
+    },
     /// Go back to the previous version.
     Rollback {
         /// Slot name.
@@ -376,6 +381,21 @@ fn plugin(cli: &Cli, cmd: &PluginCmd) -> anyhow::Result<()> {
                 }
             }
         }
+        PluginCmd::State { name } => {
+            if let Reply::State(kv) =
+                connect(cli)?.request(&Request::PluginState { name: name.clone() }, b"")?
+            {
+                for (k, v) in kv {
+                    match std::str::from_utf8(&v) {
+                        Ok(text) => println!("{k}\t{text}"),
+                        Err(_) => println!(
+                            "{k}\t0x{}",
+                            v.iter().map(|b| format!("{b:02x}")).collect::<String>()
+                        ),
+                    }
+                }
+            }
+        }
         PluginCmd::Rollback { name } => {
             if let Reply::RolledBack { from, to } =
                 connect(cli)?.request(&Request::PluginRollback { name: name.clone() }, b"")?
@@ -397,6 +417,9 @@ fn plugin(cli: &Cli, cmd: &PluginCmd) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What one bench worker saw: calls per version, answers by policy, refusals, longest call.
+type Tally = (std::collections::BTreeMap<u64, u64>, u64, u64, Duration);
+
 /// Concurrent `place` calls; prints how many each version answered and the latency.
 fn bench(cli: &Cli, slot: &str, calls: u64, concurrency: u64, nhosts: usize) -> anyhow::Result<()> {
     use std::collections::BTreeMap;
@@ -409,51 +432,50 @@ fn bench(cli: &Cli, slot: &str, calls: u64, concurrency: u64, nhosts: usize) -> 
         .collect();
     let concurrency = concurrency.max(1);
     let t0 = Instant::now();
-    let results: Vec<anyhow::Result<(BTreeMap<u64, u64>, u64, u64, Duration)>> =
-        std::thread::scope(|sc| {
-            let handles: Vec<_> = (0..concurrency)
-                .map(|w| {
-                    let hosts = hosts.clone();
-                    sc.spawn(move || -> anyhow::Result<_> {
-                        let mut c = connect(cli)?;
-                        let mut per_version = BTreeMap::new();
-                        let (mut policy, mut errors, mut worst) = (0u64, 0u64, Duration::ZERO);
-                        let mine = calls / concurrency + u64::from(w < calls % concurrency);
-                        for i in 0..mine {
-                            let req = Request::Place {
-                                slot: slot.to_string(),
-                                chunk: ChunkRef {
-                                    space: "bench".into(),
-                                    name: format!("chunk-{w}-{i}"),
-                                },
-                                size: 1 << 20,
-                                hosts: hosts.clone(),
-                            };
-                            let t = Instant::now();
-                            match c.request(&req, b"") {
-                                Ok(Reply::Placed {
-                                    version, failure, ..
-                                }) => {
-                                    *per_version.entry(version).or_insert(0) += 1;
-                                    policy += u64::from(failure.is_some());
-                                }
-                                Ok(_) | Err(ClientError::Api(_)) => errors += 1,
-                                Err(e) => return Err(e.into()),
+    let results: Vec<anyhow::Result<Tally>> = std::thread::scope(|sc| {
+        let handles: Vec<_> = (0..concurrency)
+            .map(|w| {
+                let hosts = hosts.clone();
+                sc.spawn(move || -> anyhow::Result<_> {
+                    let mut c = connect(cli)?;
+                    let mut per_version = BTreeMap::new();
+                    let (mut policy, mut errors, mut worst) = (0u64, 0u64, Duration::ZERO);
+                    let mine = calls / concurrency + u64::from(w < calls % concurrency);
+                    for i in 0..mine {
+                        let req = Request::Place {
+                            slot: slot.to_string(),
+                            chunk: ChunkRef {
+                                space: "bench".into(),
+                                name: format!("chunk-{w}-{i}"),
+                            },
+                            size: 1 << 20,
+                            hosts: hosts.clone(),
+                        };
+                        let t = Instant::now();
+                        match c.request(&req, b"") {
+                            Ok(Reply::Placed {
+                                version, failure, ..
+                            }) => {
+                                *per_version.entry(version).or_insert(0) += 1;
+                                policy += u64::from(failure.is_some());
                             }
-                            worst = worst.max(t.elapsed());
+                            Ok(_) | Err(ClientError::Api(_)) => errors += 1,
+                            Err(e) => return Err(e.into()),
                         }
-                        Ok((per_version, policy, errors, worst))
-                    })
+                        worst = worst.max(t.elapsed());
+                    }
+                    Ok((per_version, policy, errors, worst))
                 })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| {
-                    h.join()
-                        .unwrap_or_else(|_| Err(anyhow::anyhow!("worker panicked")))
-                })
-                .collect()
-        });
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("worker panicked")))
+            })
+            .collect()
+    });
     let elapsed = t0.elapsed();
     let mut per_version = BTreeMap::new();
     let (mut policy, mut errors, mut worst) = (0, 0, Duration::ZERO);

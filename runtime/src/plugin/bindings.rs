@@ -31,8 +31,6 @@ pub mod dm_world {
     });
 }
 
-#[allow(unused_imports)]
-
 /// The DMAPI types of `wit/types.wit`, as Rust types.
 pub use dm_types::{
     Action, CancelEvent, DataEvent, DestroyEvent, DmError, Event, EventData, EventType, Extent,

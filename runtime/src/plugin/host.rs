@@ -842,6 +842,17 @@ impl PluginHost {
         }
     }
 
+    /// The slot's key-value state (what its plugin stored with `kv`), keys in byte order.
+    pub fn state(&self, name: &str) -> Result<Vec<(String, Vec<u8>)>, SlotError> {
+        let slot = self.slot(name)?;
+        let kv = &self.inner.kv;
+        let keys = kv.keys(&slot.name, "").unwrap_or_default();
+        Ok(keys
+            .into_iter()
+            .filter_map(|k| kv.get(&slot.name, &k).ok().flatten().map(|v| (k, v)))
+            .collect())
+    }
+
     /// The component bytes' digest and the slot's settings, for persistence by the daemon.
     pub fn current_settings(&self, name: &str) -> Result<SlotSettings, SlotError> {
         Ok((*self.slot(name)?.current.load().settings).clone())

@@ -83,11 +83,7 @@ impl Counters {
             plugin_errors: self.plugin_errors.load(Relaxed),
             policy_applied: self.policy_applied.load(Relaxed),
             instances: self.instances.load(Relaxed),
-            mean_ns: if calls == 0 {
-                0
-            } else {
-                self.total_ns.load(Relaxed) / calls
-            },
+            mean_ns: self.total_ns.load(Relaxed).checked_div(calls).unwrap_or(0),
             p50_ns_upper: pct(0.50),
             p99_ns_upper: pct(0.99),
             max_ns: self.max_ns.load(Relaxed),
@@ -140,11 +136,9 @@ impl Stats {
             plugin_errors: self.plugin_errors + o.plugin_errors,
             policy_applied: self.policy_applied + o.policy_applied,
             instances: self.instances + o.instances,
-            mean_ns: if calls == 0 {
-                0
-            } else {
-                (self.mean_ns * self.calls + o.mean_ns * o.calls) / calls
-            },
+            mean_ns: (self.mean_ns * self.calls + o.mean_ns * o.calls)
+                .checked_div(calls)
+                .unwrap_or(0),
             p50_ns_upper: self.p50_ns_upper.max(o.p50_ns_upper),
             p99_ns_upper: self.p99_ns_upper.max(o.p99_ns_upper),
             max_ns: self.max_ns.max(o.max_ns),
