@@ -731,3 +731,137 @@ fn unload_while_calls_are_in_flight() {
     assert_eq!(served.failure, Some(FailureKind::Timeout));
     assert!(h.get("slow").is_err());
 }
+
+/// A DM backend that records what the plugin asked, scoped by token.
+#[derive(Default)]
+struct FakeDm {
+    calls: std::sync::Mutex<Vec<(u64, String, Vec<u8>)>>,
+}
+
+impl FakeDm {
+    fn log(&self, token: u64, what: &str, handle: &[u8]) {
+        self.calls
+            .lock()
+            .unwrap()
+            .push((token, what.into(), handle.to_vec()));
+    }
+}
+
+impl DmBackend for FakeDm {
+    fn stat(&self, _: u64, _: &[u8]) -> Result<FileStat, DmError> {
+        Err(DmError::Enosys)
+    }
+    fn get_dmattr(&self, token: u64, handle: &[u8], name: &[u8]) -> Result<Vec<u8>, DmError> {
+        self.log(token, "get-dmattr", handle);
+        assert_eq!(name, b"stratloc");
+        match handle {
+            b"migrated" | b"broken" => Ok(b"archive".to_vec()),
+            _ => Err(DmError::Enoent),
+        }
+    }
+    fn set_dmattr(&self, _: u64, _: &[u8], _: &[u8], _: &[u8]) -> Result<(), DmError> {
+        Err(DmError::Enosys)
+    }
+    fn remove_dmattr(&self, _: u64, _: &[u8], _: &[u8]) -> Result<(), DmError> {
+        Err(DmError::Enosys)
+    }
+    fn get_regions(&self, token: u64, handle: &[u8]) -> Result<Vec<Region>, DmError> {
+        self.log(token, "get-regions", handle);
+        Ok(vec![])
+    }
+    fn set_regions(&self, _: u64, _: &[u8], _: &[Region]) -> Result<bool, DmError> {
+        Err(DmError::Enosys)
+    }
+    fn allocinfo(&self, _: u64, _: &[u8], _: u64) -> Result<Vec<Extent>, DmError> {
+        Err(DmError::Enosys)
+    }
+    fn probe_hole(&self, _: u64, _: &[u8], _: u64, _: u64) -> Result<(u64, u64), DmError> {
+        Err(DmError::Enosys)
+    }
+    fn punch_hole(&self, _: u64, _: &[u8], _: u64, _: u64) -> Result<(), DmError> {
+        Err(DmError::Enosys)
+    }
+    fn read_invis(&self, _: u64, _: &[u8], _: u64, _: u64) -> Result<Vec<u8>, DmError> {
+        Err(DmError::Enosys)
+    }
+    fn write_invis(&self, _: u64, _: &[u8], _: u64, _: &[u8], _: bool) -> Result<u64, DmError> {
+        Err(DmError::Enosys)
+    }
+    fn request_migrate(&self, _: u64, _: &[u8], _: &str) -> Result<(), DmError> {
+        Err(DmError::Enosys)
+    }
+    fn request_recall(&self, token: u64, handle: &[u8], _: u64, _: u64) -> Result<(), DmError> {
+        self.log(token, "request-recall", handle);
+        if handle == b"broken" {
+            Err(DmError::Eio)
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// The dm-host imports reach the backend with the token of the event being handled, and the
+/// Rust HSM policy recalls migrated data before a read proceeds.
+#[test]
+fn dm_policy_imports_are_scoped_to_the_event_token() {
+    let (h, kv) = host();
+    h.load(
+        "hsm",
+        PluginKind::DmPolicy,
+        &component("hsm-age-policy"),
+        "t",
+        settings("tier=archive"),
+    )
+    .unwrap();
+    let dm = Arc::new(FakeDm::default());
+    let backend: Arc<dyn DmBackend> = dm.clone();
+    let mut ev = read_event(b"migrated");
+    ev.token = 41;
+    let r = h.on_event("hsm", &ev, Some(backend.clone())).unwrap();
+    assert_eq!((r.value, r.failure), (Response::Continue, None));
+    let mut ev = read_event(b"plain");
+    ev.token = 42;
+    assert_eq!(
+        h.on_event("hsm", &ev, Some(backend.clone())).unwrap().value,
+        Response::Continue
+    );
+    let mut ev = read_event(b"broken");
+    ev.token = 43;
+    assert_eq!(
+        h.on_event("hsm", &ev, Some(backend.clone())).unwrap().value,
+        Response::Abort(5)
+    );
+    let calls = dm.calls.lock().unwrap().clone();
+    let recalls: Vec<(u64, Vec<u8>)> = calls
+        .iter()
+        .filter(|c| c.1 == "request-recall")
+        .map(|c| (c.0, c.2.clone()))
+        .collect();
+    assert_eq!(
+        recalls,
+        vec![(41, b"migrated".to_vec()), (43, b"broken".to_vec())]
+    );
+    assert!(calls
+        .iter()
+        .all(|(token, _, handle)| match handle.as_slice() {
+            b"migrated" => *token == 41,
+            b"plain" => *token == 42,
+            _ => *token == 43,
+        }));
+    assert_eq!(
+        kv.get("hsm", "stats.recall").unwrap().as_deref(),
+        Some(&b"1"[..])
+    );
+    assert_eq!(
+        kv.get("hsm", "stats.recall_failed").unwrap().as_deref(),
+        Some(&b"1"[..])
+    );
+    // Without a backend (no DM session behind the call) the imports answer ENOSYS and the
+    // policy refuses the operation rather than letting it read a hole.
+    assert_eq!(
+        h.on_event("hsm", &read_event(b"migrated"), None)
+            .unwrap()
+            .value,
+        Response::Abort(5)
+    );
+}

@@ -300,3 +300,48 @@ mod tests {
         ));
     }
 }
+
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+
+    /// Random and mutated frames never panic the parser (a small, deterministic fuzz).
+    #[test]
+    fn random_frames_never_panic() {
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let good = encode(
+            &Request::Place {
+                slot: "p".into(),
+                chunk: ChunkRef {
+                    space: "s".into(),
+                    name: "c".into(),
+                },
+                size: 1,
+                hosts: vec![HostInfo {
+                    id: "h".into(),
+                    free_bytes: 1,
+                    capacity_bytes: 2,
+                }],
+            },
+            b"",
+        )
+        .unwrap();
+        for _ in 0..20_000 {
+            let mut bytes = good.clone();
+            for _ in 0..(next() % 4 + 1) {
+                let i = (next() as usize) % bytes.len();
+                bytes[i] = next() as u8;
+            }
+            let _ = read_frame::<Request>(&mut &bytes[..]);
+            let len = (next() % 64) as usize;
+            let junk: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+            let _ = read_frame::<Request>(&mut &junk[..]);
+        }
+    }
+}
