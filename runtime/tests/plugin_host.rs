@@ -356,6 +356,11 @@ fn bad_new_version_is_refused_and_old_keeps_serving() {
     let after = h.list();
     assert_eq!(before[0].current.id, after[0].current.id);
     assert!(after[0].history.is_empty());
+    // Refused versions used no version number: the next good one is v1 + 1.
+    let next = h
+        .swap("p", &component("placement-echo"), "v2", None)
+        .unwrap();
+    assert_eq!((next.from, next.to), (v1, v1 + 1));
 }
 
 #[test]
@@ -400,6 +405,10 @@ fn trapping_version_is_rolled_back_automatically() {
         info.events
     );
     assert_eq!(info.total.traps, 10);
+    assert_eq!(
+        info.total.policy_applied, 10,
+        "every failed call's policy answer is counted"
+    );
     // A first version has nothing to roll back to: it keeps serving under its policy.
     h.load(
         "lonely",

@@ -459,7 +459,8 @@ impl PluginHost {
             }
         };
         let version = Arc::new(Version {
-            id: self.inner.next_version.fetch_add(1, Ordering::Relaxed),
+            id: 0, // assigned once the self-test passed: refused versions use no number
+
             digest: sha,
             source: source.to_string(),
             size: wasm.len(),
@@ -493,6 +494,7 @@ impl PluginHost {
         lock(&version.idle).push(live);
         let mut version = Arc::into_inner(version).expect("version not shared yet");
         version.selftest_ms = ms(selftest);
+        version.id = self.inner.next_version.fetch_add(1, Ordering::Relaxed);
         Ok(Arc::new(version))
     }
 
@@ -571,6 +573,7 @@ impl PluginHost {
                     version
                         .counters
                         .record(t0.elapsed().as_nanos() as u64, Err(kind));
+                    version.counters.policy_applied();
                     self.maybe_rollback(slot, &version);
                     return (
                         version,
@@ -603,8 +606,13 @@ impl PluginHost {
                 Err((kind, chain(&e)))
             }
         };
-        if matches!(&result, Err((k, _)) if *k != FailureKind::PluginError) {
-            self.maybe_rollback(slot, &version);
+        if let Err((kind, _)) = &result {
+            // Every failed call is answered by the hook's failure policy (see `failed`);
+            // counted here, before a rollback may retire this version's counters.
+            version.counters.policy_applied();
+            if *kind != FailureKind::PluginError {
+                self.maybe_rollback(slot, &version);
+            }
         }
         (version, result)
     }
@@ -648,7 +656,6 @@ impl PluginHost {
     ) -> Result<Served<T>, CallError> {
         let policy = version.settings.policy(hook);
         tracing::warn!(plugin = %slot.name, version = version.id, hook, %kind, policy = ?policy, "{detail}");
-        version.counters.policy_applied();
         match fallback(policy) {
             Some(value) => Ok(Served {
                 value,
