@@ -43,14 +43,16 @@ if ! command -v cargo >/dev/null; then
     if [[ -x /usr/bin/cargo ]] && /usr/bin/rustc --version | grep -qE '1\.(9[5-9]|[1-9][0-9]{2})'; then
         :
     else
-        log "no cargo found: installing Debian's rustc-web / cargo-web (1.96)"
-        need_pkgs rustc-web cargo-web
+        log "no cargo found: installing Debian's rustc-web / cargo-web (1.96) with fmt and clippy"
+        need_pkgs rustc-web cargo-web rustfmt-web rust-web-clippy
     fi
     export PATH="$PATH:/usr/bin"
 fi
 if ! cargo fmt --version >/dev/null 2>&1 || ! cargo clippy --version >/dev/null 2>&1; then
     if command -v rustup >/dev/null; then
         rustup component add rustfmt clippy || log "rustup could not add rustfmt/clippy"
+    elif command -v apt-get >/dev/null; then
+        need_pkgs rustfmt-web rust-web-clippy
     fi
 fi
 
