@@ -212,3 +212,86 @@ fn garbage_on_the_socket_is_refused_and_the_daemon_keeps_serving() {
     }
     assert!(d.ok(&["status"]).contains("stratad"));
 }
+
+#[test]
+fn faulty_plugins_leave_the_daemon_serving() {
+    let d = Daemon::start();
+    d.ok(&[
+        "plugin",
+        "load",
+        "good",
+        &comp("placement-echo"),
+        "--kind",
+        "placement",
+    ]);
+    for (name, extra) in [
+        ("faulty-loop", vec!["--deadline-ms", "20"]),
+        (
+            "faulty-hog",
+            vec!["--memory-limit", "16777216", "--deadline-ms", "5000"],
+        ),
+        ("faulty-panic", vec![]),
+        ("faulty-malformed", vec![]),
+    ] {
+        let file = comp(name);
+        let mut args = vec!["plugin", "load", name, file.as_str(), "--kind", "placement"];
+        args.extend(extra);
+        d.ok(&args);
+        // The builtin policy answers: most free space first.
+        let o = d.strata(&["place", name, "s", "c", "--host", "a:1", "--host", "b:2"]);
+        assert!(o.status.success(), "{name}");
+        assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "b a", "{name}");
+        assert!(
+            String::from_utf8_lossy(&o.stderr).contains("answered by the failure policy"),
+            "{name}"
+        );
+        // The abort policy makes the call fail with the errno, exit code 2.
+        let file = comp(name);
+        let slot = format!("{name}-abort");
+        let o = d.strata(&[
+            "plugin",
+            "load",
+            &slot,
+            &file,
+            "--kind",
+            "placement",
+            "--on-failure",
+            "place=abort:EACCES",
+            "--deadline-ms",
+            "20",
+            "--memory-limit",
+            "16777216",
+        ]);
+        assert!(
+            o.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let o = d.strata(&["place", &slot, "s", "c", "--host", "a:1"]);
+        assert_eq!(o.status.code(), Some(2), "{name}");
+        assert!(
+            String::from_utf8_lossy(&o.stderr).contains("errno 13"),
+            "{name}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        // Still serving everyone else.
+        assert_eq!(
+            d.ok(&["place", "good", "s", "c", "--host", "x:1"]).trim(),
+            "x"
+        );
+    }
+    let list = d.ok(&["plugin", "list", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&list).unwrap();
+    let by_name = |n: &str| {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["name"] == n)
+            .unwrap()["total"]
+            .clone()
+    };
+    assert_eq!(by_name("faulty-loop")["timeouts"], 1);
+    assert_eq!(by_name("faulty-hog")["memory_limits"], 1);
+    assert_eq!(by_name("faulty-panic")["traps"], 1);
+    assert_eq!(by_name("faulty-malformed")["malformed"], 1);
+}
