@@ -27,6 +27,20 @@ pub struct SlotRecord {
     pub source: String,
     /// Settings in force.
     pub settings: SlotSettings,
+    /// Earlier versions kept for rollback, oldest first.
+    #[serde(default)]
+    pub history: Vec<RecordedVersion>,
+}
+
+/// An earlier version of a slot, as recorded.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RecordedVersion {
+    /// sha256 of its component.
+    pub digest: String,
+    /// Where it came from.
+    pub source: String,
+    /// The settings it ran with.
+    pub settings: SlotSettings,
 }
 
 /// The daemon's metadata store.

@@ -119,7 +119,28 @@ fn restart_restores_slots_from_the_precompiled_cache_with_their_state() {
     d.ok(&["place", "p", "s", "c", "--host", "x:1"]);
     assert_eq!(d.ok(&["plugin", "state", "p"]).trim(), "calls\t5");
     // A swap after the restart keeps it too.
-    d.ok(&["plugin", "swap", "p", &comp("placement-echo")]);
+    d.ok(&[
+        "plugin",
+        "swap",
+        "p",
+        &comp("placement-rendezvous"),
+        "--config",
+        "",
+    ]);
+    d.ok(&["place", "p", "s", "c", "--host", "x:1"]);
+    assert_eq!(
+        d.ok(&["plugin", "state", "p"]).trim(),
+        "calls\t5",
+        "rendezvous does not count"
+    );
+    // The rollback history survives a restart too: back to the counting echo plugin.
+    d.restart();
+    let list = d.ok(&["plugin", "list"]);
+    assert!(
+        list.contains("placement-rendezvous") && list.contains("earlier:"),
+        "{list}"
+    );
+    d.ok(&["plugin", "rollback", "p"]);
     d.ok(&["place", "p", "s", "c", "--host", "x:1"]);
     assert_eq!(d.ok(&["plugin", "state", "p"]).trim(), "calls\t6");
 }

@@ -5,7 +5,7 @@ use crate::config::Config;
 use crate::plugin::{
     CallError, Fault, HostConfig, LoadError, PluginHost, RedbKv, SlotError, SlotSettings,
 };
-use crate::store::{SlotRecord, Store};
+use crate::store::{RecordedVersion, SlotRecord, Store};
 use std::sync::Arc;
 use std::time::Instant;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -77,23 +77,52 @@ impl Daemon {
             uid: unsafe_free_getuid(),
         };
         for (name, rec) in d.store.slots()? {
-            let loaded = d
-                .store
-                .blob(&rec.digest)
-                .map_err(|e| e.to_string())
-                .and_then(|bytes| {
-                    d.host
-                        .load(&name, rec.kind, &bytes, &rec.source, rec.settings.clone())
-                        .map_err(|e| e.to_string())
-                });
-            match loaded {
-                Ok(v) => {
-                    tracing::info!(plugin = %name, version = v.id, cache = ?v.cache, compile_ms = v.compile_ms, "plugin restored")
-                }
-                Err(e) => tracing::error!(plugin = %name, "could not restore plugin slot: {e}"),
-            }
+            d.restore(&name, &rec);
         }
         Ok(d)
+    }
+
+    /// Load a recorded slot again: its earlier versions first (oldest first, so rollback
+    /// works after a restart), then the current one. A version that no longer loads is
+    /// reported and skipped; the slot keeps whatever did load.
+    fn restore(&self, name: &str, rec: &SlotRecord) {
+        let current = RecordedVersion {
+            digest: rec.digest.clone(),
+            source: rec.source.clone(),
+            settings: rec.settings.clone(),
+        };
+        let mut loaded = false;
+        for v in rec.history.iter().chain(std::iter::once(&current)) {
+            let bytes = match self.store.blob(&v.digest) {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::error!(plugin = %name, digest = %v.digest, "plugin blob missing: {e}");
+                    continue;
+                }
+            };
+            let source = &v.source;
+            let result = if loaded {
+                self.host
+                    .swap(name, &bytes, source, Some(v.settings.clone()))
+                    .map(|r| (r.to, r.cache, r.compile_ms))
+            } else {
+                self.host
+                    .load(name, rec.kind, &bytes, source, v.settings.clone())
+                    .map(|v| (v.id, v.cache, v.compile_ms))
+            };
+            match result {
+                Ok((id, cache, compile_ms)) => {
+                    loaded = true;
+                    tracing::info!(plugin = %name, version = id, ?cache, compile_ms, source = %source, "plugin restored");
+                }
+                Err(e) => {
+                    tracing::error!(plugin = %name, source = %source, "could not restore plugin version: {e}")
+                }
+            }
+        }
+        if !loaded {
+            tracing::error!(plugin = %name, "could not restore plugin slot");
+        }
     }
 
     /// The plugin host (for in-process users such as benchmarks and tests).
@@ -118,6 +147,16 @@ impl Daemon {
                 digest: info.current.digest,
                 source: info.current.source,
                 settings: info.settings,
+                history: info
+                    .history
+                    .iter()
+                    .rev()
+                    .map(|v| RecordedVersion {
+                        digest: v.digest.clone(),
+                        source: v.source.clone(),
+                        settings: v.settings.clone(),
+                    })
+                    .collect(),
             },
         )
     }

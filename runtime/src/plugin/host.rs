@@ -87,6 +87,8 @@ pub struct VersionInfo {
     pub loaded_at: u64,
     /// Its counters.
     pub stats: Stats,
+    /// The settings it runs with.
+    pub settings: SlotSettings,
 }
 
 /// A slot, as `list` shows it.
@@ -167,6 +169,7 @@ impl Version {
             selftest_ms: self.selftest_ms,
             loaded_at: self.loaded_at,
             stats: self.counters.snapshot(),
+            settings: (*self.settings).clone(),
         }
     }
 }
