@@ -136,7 +136,7 @@ pub enum Reply {
         wit: String,
     },
     /// A slot was loaded.
-    Loaded(VersionInfo),
+    Loaded(Box<VersionInfo>),
     /// A swap happened.
     Swapped(SwapReport),
     /// A rollback happened.

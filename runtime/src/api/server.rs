@@ -200,7 +200,7 @@ impl Daemon {
                                 format!("plugin '{name}': cannot record slot: {e}"),
                             );
                         }
-                        Reply::Loaded(v)
+                        Reply::Loaded(Box::new(v))
                     }
                     Err(e) => load_err(e),
                 }
