@@ -46,23 +46,21 @@ find_componentize_py() {
     [[ ${#CPY[@]} -gt 0 ]]
 }
 
+# A project venv (Debian's system Python refuses `pip install`: PEP 668).
+VENV="${STRATA_PY_VENV:-$ROOT/target/py-venv}"
+if [[ -x "$VENV/bin/componentize-py" ]]; then
+    PATH="$VENV/bin:$PATH"
+fi
 if ! find_componentize_py; then
     spec="componentize-py${VERSION:+==$VERSION}"
-    log "componentize-py not found; installing $spec"
-    if command -v pip >/dev/null 2>&1 && pip install --quiet "$spec"; then
-        :
-    elif [[ -n "$PYTHON" ]] && "$PYTHON" -m pip install --quiet "$spec"; then
-        :
-    elif [[ -n "$PYTHON" ]] && "$PYTHON" -m pip install --quiet --user "$spec"; then
-        :
-    else
-        die "cannot install $spec (need pip or python3 -m pip)"
+    [[ -n "$PYTHON" ]] || die "no python3 to install $spec with"
+    log "componentize-py not found; installing $spec into $VENV"
+    if [[ ! -x "$VENV/bin/pip" ]]; then
+        "$PYTHON" -m venv "$VENV" || die "cannot create a venv at $VENV (Debian: apt-get install python3-venv)"
     fi
+    "$VENV/bin/pip" install --quiet "$spec" || die "cannot install $spec into $VENV"
+    PATH="$VENV/bin:$PATH"
     hash -r
-    # A --user install may land outside PATH.
-    if [[ -n "$PYTHON" ]]; then
-        PATH="$PATH:$("$PYTHON" -m site --user-base 2>/dev/null || echo /nonexistent)/bin"
-    fi
     find_componentize_py || die "componentize-py still not runnable after installing it"
 fi
 log "using $("${CPY[@]}" --version) (${CPY[*]})"

@@ -35,7 +35,7 @@ need_pkgs() {
 }
 
 if command -v apt-get >/dev/null; then
-    need_pkgs build-essential pkg-config python3 python3-pip fuse3 procps
+    need_pkgs build-essential pkg-config python3 python3-venv fuse3 procps
 fi
 
 # Host toolchain: rustup's cargo if present, else Debian's (>= 1.95 needed by wasmtime 48).
