@@ -116,7 +116,7 @@ impl Daemon {
         let Some(mut c) = self.child.take() else {
             return true;
         };
-        unsafe_free_kill(c.id(), "TERM");
+        signal(c.id(), "TERM");
         let t0 = Instant::now();
         while t0.elapsed() < Duration::from_secs(10) {
             if let Ok(Some(s)) = c.try_wait() {
@@ -161,7 +161,8 @@ impl Daemon {
     }
 }
 
-fn unsafe_free_kill(pid: u32, sig: &str) {
+/// Send `sig` (a name such as TERM) to `pid` with kill(1).
+fn signal(pid: u32, sig: &str) {
     let _ = Command::new("kill")
         .arg(format!("-{sig}"))
         .arg(pid.to_string())
@@ -179,13 +180,9 @@ impl Drop for Daemon {
 
 /// Whether the tests run as root (some need it to act as another user).
 pub fn is_root() -> bool {
-    // SAFETY-free: geteuid via libc has no preconditions.
-    unsafe_free_euid() == 0
-}
-
-fn unsafe_free_euid() -> u32 {
+    // The owner of /proc/self is our effective uid.
     use std::os::unix::fs::MetadataExt;
     std::fs::metadata("/proc/self")
-        .map(|m| m.uid())
-        .unwrap_or(u32::MAX)
+        .map(|m| m.uid() == 0)
+        .unwrap_or(false)
 }

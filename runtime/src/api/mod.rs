@@ -228,6 +228,37 @@ pub fn write_frame<T: Serialize>(
     w.flush()
 }
 
+/// The header length announced by a frame's first 4 bytes, checked against its limit.
+pub(crate) fn header_len(bytes: [u8; 4]) -> Result<usize, FrameError> {
+    let len = u32::from_be_bytes(bytes);
+    if len > MAX_HEADER {
+        return Err(FrameError::TooLarge {
+            what: "header",
+            size: len as u64,
+            limit: MAX_HEADER as u64,
+        });
+    }
+    Ok(len as usize)
+}
+
+/// The payload length announced after the header, checked against its limit.
+pub(crate) fn payload_len(bytes: [u8; 8]) -> Result<usize, FrameError> {
+    let len = u64::from_be_bytes(bytes);
+    if len > MAX_PAYLOAD {
+        return Err(FrameError::TooLarge {
+            what: "payload",
+            size: len,
+            limit: MAX_PAYLOAD,
+        });
+    }
+    Ok(len as usize)
+}
+
+/// Parse a frame's JSON header.
+pub(crate) fn decode_header<T: for<'de> Deserialize<'de>>(h: &[u8]) -> Result<T, FrameError> {
+    serde_json::from_slice(h).map_err(|e| FrameError::BadHeader(e.to_string()))
+}
+
 /// Read one frame (blocking).
 pub fn read_frame<T: for<'de> Deserialize<'de>>(
     r: &mut impl Read,
@@ -238,30 +269,13 @@ pub fn read_frame<T: for<'de> Deserialize<'de>>(
         Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Err(FrameError::Closed),
         Err(e) => return Err(e.into()),
     }
-    let hlen = u32::from_be_bytes(len);
-    if hlen > MAX_HEADER {
-        return Err(FrameError::TooLarge {
-            what: "header",
-            size: hlen as u64,
-            limit: MAX_HEADER as u64,
-        });
-    }
-    let mut h = vec![0u8; hlen as usize];
+    let mut h = vec![0u8; header_len(len)?];
     r.read_exact(&mut h)?;
     let mut plen = [0u8; 8];
     r.read_exact(&mut plen)?;
-    let plen = u64::from_be_bytes(plen);
-    if plen > MAX_PAYLOAD {
-        return Err(FrameError::TooLarge {
-            what: "payload",
-            size: plen,
-            limit: MAX_PAYLOAD,
-        });
-    }
-    let mut p = vec![0u8; plen as usize];
+    let mut p = vec![0u8; payload_len(plen)?];
     r.read_exact(&mut p)?;
-    let header = serde_json::from_slice(&h).map_err(|e| FrameError::BadHeader(e.to_string()))?;
-    Ok((header, p))
+    Ok((decode_header(&h)?, p))
 }
 
 /// Shorthand for the cache outcome in CLI output.

@@ -1,6 +1,6 @@
 //! The daemon side of the local API: a thin async shell around [`Daemon::handle`].
 
-use super::{ApiError, FrameError, Reply, Request, MAX_HEADER, MAX_PAYLOAD};
+use super::{ApiError, FrameError, Reply, Request};
 use crate::config::Config;
 use crate::plugin::{
     CallError, Fault, HostConfig, LoadError, PluginHost, RedbKv, SlotError, SlotSettings,
@@ -74,7 +74,7 @@ impl Daemon {
             host,
             store,
             started: Instant::now(),
-            uid: unsafe_free_getuid(),
+            uid: own_uid(),
         };
         for (name, rec) in d.store.slots()? {
             d.restore(&name, &rec);
@@ -138,8 +138,13 @@ impl Daemon {
         }
     }
 
-    fn record(&self, name: &str) -> anyhow::Result<()> {
+    /// Record the slot as it is now; `component` is the current version's bytes when they
+    /// are new to the store (stored first, so a record never names a missing blob).
+    fn record(&self, name: &str, component: Option<&[u8]>) -> anyhow::Result<()> {
         let info = self.host.get(name)?;
+        if let Some(bytes) = component {
+            self.store.put_blob(&info.current.digest, bytes)?;
+        }
         self.store.put_slot(
             name,
             &SlotRecord {
@@ -188,11 +193,7 @@ impl Daemon {
                 let settings = settings.unwrap_or_else(|| self.default_settings());
                 match self.host.load(&name, kind, &payload, &source, settings) {
                     Ok(v) => {
-                        if let Err(e) = self
-                            .store
-                            .put_blob(&v.digest, &payload)
-                            .and_then(|()| self.record(&name))
-                        {
+                        if let Err(e) = self.record(&name, Some(&payload)) {
                             let _ = self.host.unload(&name);
                             return err(
                                 "store",
@@ -211,16 +212,7 @@ impl Daemon {
                 settings,
             } => match self.host.swap(&name, &payload, &source, settings) {
                 Ok(r) => {
-                    let digest = self
-                        .host
-                        .get(&name)
-                        .map(|i| i.current.digest)
-                        .unwrap_or_default();
-                    if let Err(e) = self
-                        .store
-                        .put_blob(&digest, &payload)
-                        .and_then(|()| self.record(&name))
-                    {
+                    if let Err(e) = self.record(&name, Some(&payload)) {
                         tracing::error!(plugin = %name, "swap done but not recorded: {e}");
                     }
                     Reply::Swapped(r)
@@ -229,7 +221,7 @@ impl Daemon {
             },
             Request::PluginRollback { name } => match self.host.rollback(&name) {
                 Ok((from, to)) => {
-                    if let Err(e) = self.record(&name) {
+                    if let Err(e) = self.record(&name, None) {
                         tracing::error!(plugin = %name, "rollback done but not recorded: {e}");
                     }
                     Reply::RolledBack { from, to }
@@ -275,8 +267,8 @@ impl Daemon {
     }
 }
 
-fn unsafe_free_getuid() -> u32 {
-    // Our own uid, read without libc: the owner of /proc/self.
+fn own_uid() -> u32 {
+    // Our own uid: the owner of /proc/self (no unsafe libc call needed).
     use std::os::unix::fs::MetadataExt;
     std::fs::metadata("/proc/self")
         .map(|m| m.uid())
@@ -290,30 +282,13 @@ async fn read_frame(s: &mut UnixStream) -> Result<(Request, Vec<u8>), FrameError
         Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Err(FrameError::Closed),
         Err(e) => return Err(e.into()),
     }
-    let hlen = u32::from_be_bytes(len);
-    if hlen > MAX_HEADER {
-        return Err(FrameError::TooLarge {
-            what: "header",
-            size: hlen as u64,
-            limit: MAX_HEADER as u64,
-        });
-    }
-    let mut h = vec![0u8; hlen as usize];
+    let mut h = vec![0u8; super::header_len(len)?];
     s.read_exact(&mut h).await?;
     let mut plen = [0u8; 8];
     s.read_exact(&mut plen).await?;
-    let plen = u64::from_be_bytes(plen);
-    if plen > MAX_PAYLOAD {
-        return Err(FrameError::TooLarge {
-            what: "payload",
-            size: plen,
-            limit: MAX_PAYLOAD,
-        });
-    }
-    let mut p = vec![0u8; plen as usize];
+    let mut p = vec![0u8; super::payload_len(plen)?];
     s.read_exact(&mut p).await?;
-    let req = serde_json::from_slice(&h).map_err(|e| FrameError::BadHeader(e.to_string()))?;
-    Ok((req, p))
+    Ok((super::decode_header(&h)?, p))
 }
 
 async fn serve_conn(daemon: Arc<Daemon>, mut s: UnixStream) {

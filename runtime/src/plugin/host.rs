@@ -863,11 +863,6 @@ impl PluginHost {
             .collect())
     }
 
-    /// The component bytes' digest and the slot's settings, for persistence by the daemon.
-    pub fn current_settings(&self, name: &str) -> Result<SlotSettings, SlotError> {
-        Ok((*self.slot(name)?.current.load().settings).clone())
-    }
-
     // ---- placement --------------------------------------------------------------------
 
     /// `place`: the hosts ordered for `chunk`, first = alpha copy. The answer must name only
