@@ -11,6 +11,16 @@
 //! max_component_bytes = 67108864
 //! max_config_bytes = 65536
 //! precompiled_cache = true
+//!
+//! [spaces]
+//! host_id = "node1"                   # default: the machine's host name
+//! shm_dir = "/dev/shm"                # where the chunk cache regions live
+//! default_slot_size = 1048576         # largest chunk of a space created without options
+//! default_slots = 256                 # cache slots of such a space
+//! max_slot_size = 67108864            # largest slot (= chunk) size a space may ask for
+//! max_cache_bytes = 4294967296        # largest cache region of one space
+//! lease_timeout_ms = 30000            # start_write leases not stopped by then are reclaimed
+//! spawn_allow = ["/usr/bin/env"]      # programs `spawn` may start (exact paths)
 //! ```
 
 use serde::{Deserialize, Serialize};
@@ -28,6 +38,45 @@ pub struct Config {
     pub log: String,
     /// Plugin host settings.
     pub plugins: PluginConfig,
+    /// Chunk spaces.
+    pub spaces: SpaceConfig,
+}
+
+/// `[spaces]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SpaceConfig {
+    /// This host's id in host lists (default: the host name).
+    pub host_id: Option<String>,
+    /// Directory of the shared-memory regions.
+    pub shm_dir: PathBuf,
+    /// Slot size of spaces created without one.
+    pub default_slot_size: u64,
+    /// Slot count of spaces created without one.
+    pub default_slots: u32,
+    /// Largest slot size.
+    pub max_slot_size: u64,
+    /// Largest region of one space.
+    pub max_cache_bytes: u64,
+    /// Lease timeout.
+    pub lease_timeout_ms: u64,
+    /// Programs `spawn` may start.
+    pub spawn_allow: Vec<PathBuf>,
+}
+
+impl Default for SpaceConfig {
+    fn default() -> Self {
+        SpaceConfig {
+            host_id: None,
+            shm_dir: PathBuf::from("/dev/shm"),
+            default_slot_size: 1 << 20,
+            default_slots: 256,
+            max_slot_size: 64 << 20,
+            max_cache_bytes: 4 << 30,
+            lease_timeout_ms: 30_000,
+            spawn_allow: Vec::new(),
+        }
+    }
 }
 
 /// `[plugins]`.
@@ -65,6 +114,7 @@ impl Default for Config {
             socket: PathBuf::from("/run/strata/stratad.sock"),
             log: "info".into(),
             plugins: PluginConfig::default(),
+            spaces: SpaceConfig::default(),
         }
     }
 }
@@ -89,6 +139,31 @@ impl Config {
         anyhow::ensure!(
             self.plugins.memory_limit >= 1 << 20,
             "plugins.memory_limit must be at least 1 MiB"
+        );
+        let sp = &self.spaces;
+        anyhow::ensure!(
+            sp.default_slot_size > 0
+                && sp.default_slot_size.is_multiple_of(4096)
+                && sp.default_slot_size <= sp.max_slot_size,
+            "spaces.default_slot_size must be a positive multiple of 4096, at most max_slot_size"
+        );
+        anyhow::ensure!(
+            sp.default_slots >= 2,
+            "spaces.default_slots must be at least 2"
+        );
+        anyhow::ensure!(
+            sp.lease_timeout_ms > 0,
+            "spaces.lease_timeout_ms must be positive"
+        );
+        anyhow::ensure!(
+            sp.host_id
+                .as_deref()
+                .is_none_or(|h| !h.is_empty() && h.len() <= 255),
+            "spaces.host_id must be 1-255 bytes"
+        );
+        anyhow::ensure!(
+            sp.spawn_allow.iter().all(|p| p.is_absolute()),
+            "spaces.spawn_allow entries must be absolute paths"
         );
         anyhow::ensure!(
             self.socket.as_os_str().len() < 100,

@@ -4,11 +4,13 @@
 //!  strata (CLI) ──┐                        ┌─► plugin::PluginHost ─► Wasm components
 //!  client libs ───┼─► Unix socket ─► api::server::Daemon
 //!                 │   (frames: JSON header │─► store::Store (redb: registry, plugin kv)
-//!                 │    + raw payload)      └─► (later: spaces, shm, dm, fuse, net, ...)
+//!                 │    + raw payload)      ├─► space::Spaces (core + shm regions + redb)
+//!  shm readers ◄── /dev/shm regions ◄──────┘   (later: dm, fuse, net, ...)
 //! ```
 #![warn(missing_docs)]
 
 pub mod api;
 pub mod config;
 pub mod plugin;
+pub mod space;
 pub mod store;

@@ -6,7 +6,7 @@
 //! u32 BE  header length  (<= 1 MiB)
 //! bytes   header: JSON, a Request or a Reply
 //! u64 BE  payload length (<= 256 MiB; 0 when there is none)
-//! bytes   payload: raw bytes (component files, later chunk data), never re-encoded
+//! bytes   payload: raw bytes (component files, chunk data), never re-encoded
 //! ```
 //!
 //! One request, one reply, in order, on a connection; a client may send the next request
@@ -21,12 +21,12 @@ use crate::plugin::{
     SlotInfo, SlotSettings, SwapReport, VersionInfo,
 };
 use serde::{Deserialize, Serialize};
-use std::io::{Read, Write};
 
-/// Largest header accepted.
-pub const MAX_HEADER: u32 = 1 << 20;
-/// Largest payload accepted.
-pub const MAX_PAYLOAD: u64 = 256 << 20;
+pub use strata_client::frame::{
+    decode_header, encode, header_len, payload_len, read_frame, write_frame, FrameError,
+    MAX_HEADER, MAX_PAYLOAD,
+};
+pub use strata_client::{SpaceReply, SpaceRequest};
 
 /// A request. Requests that carry bytes (a component) send them as the frame's payload.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -89,6 +89,8 @@ pub enum Request {
         /// The change.
         change: MembershipChange,
     },
+    /// A chunk-space operation (`{"op":"space","call":...}`; see `strata_client::proto`).
+    Space(SpaceRequest),
 }
 
 impl Request {
@@ -161,6 +163,8 @@ pub enum Reply {
         /// Set when the failure policy answered instead of the plugin.
         failure: Option<FailureKind>,
     },
+    /// A chunk-space answer: the seed's status code (chunk bytes in the payload).
+    Space(SpaceReply),
     /// A rebalance answer.
     Moves {
         /// Copies to move.
@@ -170,112 +174,6 @@ pub enum Reply {
         /// Set when the failure policy answered instead of the plugin.
         failure: Option<FailureKind>,
     },
-}
-
-/// Frame errors.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum FrameError {
-    /// The peer closed the connection between frames.
-    #[error("connection closed")]
-    Closed,
-    /// I/O failed mid-frame.
-    #[error("i/o: {0}")]
-    Io(#[from] std::io::Error),
-    /// Header or payload over its limit.
-    #[error("{what} of {size} bytes is over the limit of {limit}")]
-    TooLarge {
-        /// header or payload
-        what: &'static str,
-        /// Size announced.
-        size: u64,
-        /// Limit.
-        limit: u64,
-    },
-    /// The header is not valid JSON of the expected shape.
-    #[error("bad header: {0}")]
-    BadHeader(String),
-}
-
-/// The frame head (lengths and header) for `header` and a payload of `payload_len` bytes.
-fn head<T: Serialize>(header: &T, payload_len: usize) -> std::io::Result<Vec<u8>> {
-    let h = serde_json::to_vec(header).map_err(std::io::Error::other)?;
-    if h.len() > MAX_HEADER as usize || payload_len as u64 > MAX_PAYLOAD {
-        return Err(std::io::Error::other("frame over the protocol's limits"));
-    }
-    let mut out = Vec::with_capacity(12 + h.len());
-    out.extend_from_slice(&(h.len() as u32).to_be_bytes());
-    out.extend_from_slice(&h);
-    out.extend_from_slice(&(payload_len as u64).to_be_bytes());
-    Ok(out)
-}
-
-/// Encode one frame.
-pub fn encode<T: Serialize>(header: &T, payload: &[u8]) -> std::io::Result<Vec<u8>> {
-    let mut out = head(header, payload.len())?;
-    out.extend_from_slice(payload);
-    Ok(out)
-}
-
-/// Write one frame (blocking).
-pub fn write_frame<T: Serialize>(
-    w: &mut impl Write,
-    header: &T,
-    payload: &[u8],
-) -> std::io::Result<()> {
-    w.write_all(&head(header, payload.len())?)?;
-    w.write_all(payload)?;
-    w.flush()
-}
-
-/// The header length announced by a frame's first 4 bytes, checked against its limit.
-pub(crate) fn header_len(bytes: [u8; 4]) -> Result<usize, FrameError> {
-    let len = u32::from_be_bytes(bytes);
-    if len > MAX_HEADER {
-        return Err(FrameError::TooLarge {
-            what: "header",
-            size: len as u64,
-            limit: MAX_HEADER as u64,
-        });
-    }
-    Ok(len as usize)
-}
-
-/// The payload length announced after the header, checked against its limit.
-pub(crate) fn payload_len(bytes: [u8; 8]) -> Result<usize, FrameError> {
-    let len = u64::from_be_bytes(bytes);
-    if len > MAX_PAYLOAD {
-        return Err(FrameError::TooLarge {
-            what: "payload",
-            size: len,
-            limit: MAX_PAYLOAD,
-        });
-    }
-    Ok(len as usize)
-}
-
-/// Parse a frame's JSON header.
-pub(crate) fn decode_header<T: for<'de> Deserialize<'de>>(h: &[u8]) -> Result<T, FrameError> {
-    serde_json::from_slice(h).map_err(|e| FrameError::BadHeader(e.to_string()))
-}
-
-/// Read one frame (blocking).
-pub fn read_frame<T: for<'de> Deserialize<'de>>(
-    r: &mut impl Read,
-) -> Result<(T, Vec<u8>), FrameError> {
-    let mut len = [0u8; 4];
-    match r.read_exact(&mut len) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Err(FrameError::Closed),
-        Err(e) => return Err(e.into()),
-    }
-    let mut h = vec![0u8; header_len(len)?];
-    r.read_exact(&mut h)?;
-    let mut plen = [0u8; 8];
-    r.read_exact(&mut plen)?;
-    let mut p = vec![0u8; payload_len(plen)?];
-    r.read_exact(&mut p)?;
-    Ok((decode_header(&h)?, p))
 }
 
 /// Shorthand for the cache outcome in CLI output.

@@ -5,9 +5,13 @@ use crate::config::Config;
 use crate::plugin::{
     CallError, Fault, HostConfig, LoadError, PluginHost, RedbKv, SlotError, SlotSettings,
 };
+use crate::space::core::Caller;
+use crate::space::{Spaces, Step};
 use crate::store::{RecordedVersion, SlotRecord, Store};
 use std::sync::Arc;
 use std::time::Instant;
+use strata_client::frame::{read_frame_async, write_frame_async};
+use strata_client::Reason;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 
@@ -15,6 +19,7 @@ use tokio::net::{UnixListener, UnixStream};
 pub struct Daemon {
     cfg: Config,
     host: PluginHost,
+    spaces: Spaces,
     store: Store,
     started: Instant,
     uid: u32,
@@ -69,12 +74,21 @@ impl Daemon {
             ..HostConfig::default()
         };
         let host = PluginHost::new(host_cfg, kv)?;
+        let uid = own_uid();
+        let spaces = Spaces::open(
+            cfg.spaces.clone(),
+            store.db(),
+            &cfg.data_dir,
+            cfg.socket.clone(),
+            uid,
+        )?;
         let d = Daemon {
             cfg,
             host,
+            spaces,
             store,
             started: Instant::now(),
-            uid: own_uid(),
+            uid,
         };
         for (name, rec) in d.store.slots()? {
             d.restore(&name, &rec);
@@ -128,6 +142,11 @@ impl Daemon {
     /// The plugin host (for in-process users such as benchmarks and tests).
     pub fn host(&self) -> &PluginHost {
         &self.host
+    }
+
+    /// The chunk spaces.
+    pub fn spaces(&self) -> &Spaces {
+        &self.spaces
     }
 
     fn default_settings(&self) -> SlotSettings {
@@ -255,6 +274,11 @@ impl Daemon {
                 },
                 Err(e) => call_err(e),
             },
+            Request::Space(_) => err(
+                "protocol",
+                Fault::Caller,
+                "space requests are served on a connection (see serve_conn)",
+            ),
             Request::Rebalance { slot, change } => match self.host.rebalance(&slot, &change) {
                 Ok(s) => Reply::Moves {
                     moves: s.value,
@@ -275,36 +299,114 @@ fn own_uid() -> u32 {
         .unwrap_or(u32::MAX)
 }
 
-async fn read_frame(s: &mut UnixStream) -> Result<(Request, Vec<u8>), FrameError> {
-    let mut len = [0u8; 4];
-    match s.read_exact(&mut len).await {
-        Ok(_) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Err(FrameError::Closed),
-        Err(e) => return Err(e.into()),
+fn refused(r: Reason) -> Reply {
+    let kind = serde_json::to_value(r.kind)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_else(|| "space".into());
+    err(&kind, Fault::Caller, r.message)
+}
+
+/// Wait until the client closes the connection (or breaks the protocol by sending while
+/// its request is parked).
+async fn closed(s: &mut UnixStream) {
+    let mut b = [0u8; 1];
+    let _ = s.read(&mut b).await;
+}
+
+/// Serve a space request: first step on a blocking thread, then (if parked) wait for the
+/// wake-up or the client's departure.
+async fn serve_space(
+    daemon: &Arc<Daemon>,
+    s: &mut UnixStream,
+    caller: Caller,
+    req: strata_client::SpaceRequest,
+    payload: Vec<u8>,
+) -> Option<(Reply, Vec<u8>)> {
+    let d = daemon.clone();
+    let step =
+        match tokio::task::spawn_blocking(move || d.spaces.begin(&caller, req, payload)).await {
+            Ok(step) => step,
+            Err(e) => {
+                return Some((
+                    err(
+                        "internal",
+                        Fault::Host,
+                        format!("space handler failed: {e}"),
+                    ),
+                    vec![],
+                ))
+            }
+        };
+    let (rx, then) = match step {
+        Step::Done((r, data)) => return Some((Reply::Space(r), data)),
+        Step::Refused(r) => return Some((refused(r), vec![])),
+        Step::Parked { rx, then } => (rx, then),
+    };
+    let woken = tokio::select! {
+        w = rx => w,
+        _ = closed(s) => return None,
+    };
+    let Ok(woken) = woken else {
+        return Some((
+            err("internal", Fault::Host, "a parked request was dropped"),
+            vec![],
+        ));
+    };
+    let d = daemon.clone();
+    match tokio::task::spawn_blocking(move || d.spaces.resume(&caller, then, woken)).await {
+        Ok((r, data)) => Some((Reply::Space(r), data)),
+        Err(e) => Some((
+            err(
+                "internal",
+                Fault::Host,
+                format!("space handler failed: {e}"),
+            ),
+            vec![],
+        )),
     }
-    let mut h = vec![0u8; super::header_len(len)?];
-    s.read_exact(&mut h).await?;
-    let mut plen = [0u8; 8];
-    s.read_exact(&mut plen).await?;
-    let mut p = vec![0u8; super::payload_len(plen)?];
-    s.read_exact(&mut p).await?;
-    Ok((super::decode_header(&h)?, p))
 }
 
 async fn serve_conn(daemon: Arc<Daemon>, mut s: UnixStream) {
-    let uid = s.peer_cred().ok().map(|c| c.uid());
+    let cred = s.peer_cred().ok();
+    let uid = cred.as_ref().map(|c| c.uid());
+    let caller = Caller {
+        client: daemon.spaces.connect(),
+        // without credentials the caller gets "other" rights only
+        uid: uid.unwrap_or(u32::MAX - 1),
+        gid: cred.map(|c| c.gid()).unwrap_or(u32::MAX - 1),
+    };
+    serve_requests(&daemon, &mut s, uid, caller).await;
+    let d = daemon.clone();
+    let _ = tokio::task::spawn_blocking(move || d.spaces.disconnect(caller.client)).await;
+}
+
+async fn serve_requests(
+    daemon: &Arc<Daemon>,
+    s: &mut UnixStream,
+    uid: Option<u32>,
+    caller: Caller,
+) {
     loop {
-        let reply = match read_frame(&mut s).await {
+        let (reply, data) = match read_frame_async::<Request>(s).await {
+            Ok((Request::Space(req), payload)) => {
+                match serve_space(daemon, s, caller, req, payload).await {
+                    Some(x) => x,
+                    None => return,
+                }
+            }
             Ok((req, payload)) => {
                 let d = daemon.clone();
-                match tokio::task::spawn_blocking(move || d.handle(req, payload, uid)).await {
+                let r = match tokio::task::spawn_blocking(move || d.handle(req, payload, uid)).await
+                {
                     Ok(r) => r,
                     Err(e) => err(
                         "internal",
                         Fault::Host,
                         format!("request handler failed: {e}"),
                     ),
-                }
+                };
+                (r, vec![])
             }
             Err(FrameError::Closed) => return,
             Err(FrameError::Io(e)) => {
@@ -319,20 +421,21 @@ async fn serve_conn(daemon: Arc<Daemon>, mut s: UnixStream) {
                 return;
             }
         };
-        let frame = super::encode(&reply, b"").or_else(|e| {
-            tracing::error!("cannot encode a reply: {e}");
-            super::encode(
-                &err(
+        let sent = match write_frame_async(s, &reply, &data).await {
+            Ok(()) => true,
+            Err(e) if e.kind() == std::io::ErrorKind::Other => {
+                tracing::error!("cannot encode a reply: {e}");
+                let r = err(
                     "internal",
                     Fault::Host,
                     format!("cannot encode the reply: {e}"),
-                ),
-                b"",
-            )
-        });
-        match frame {
-            Ok(f) if s.write_all(&f).await.is_ok() => {}
-            _ => return,
+                );
+                write_frame_async(s, &r, b"").await.is_ok()
+            }
+            Err(_) => false,
+        };
+        if !sent {
+            return;
         }
     }
 }
@@ -356,7 +459,19 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o666))?;
     }
-    tracing::info!(socket = %socket.display(), "stratad serving");
+    tracing::info!(socket = %socket.display(), host = daemon.spaces.host(), "stratad serving");
+    let ticker = {
+        let d = daemon.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(std::time::Duration::from_millis(10));
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+            loop {
+                every.tick().await;
+                let d = d.clone();
+                let _ = tokio::task::spawn_blocking(move || d.spaces.tick()).await;
+            }
+        })
+    };
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     loop {
@@ -370,6 +485,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         }
     }
     tracing::info!("stratad stopping");
+    ticker.abort();
     let _ = std::fs::remove_file(&socket);
+    daemon.spaces.shutdown();
     Ok(())
 }

@@ -1,0 +1,1782 @@
+//! The chunk-space state machine, free of I/O: callers, requests and time go in; decisions,
+//! replies and effects on the shared-memory index come out. The daemon's shell
+//! ([`super::Spaces`]) does the copying, the storing and the socket work, and applies the
+//! [`Effect`]s in order while it holds the core. The multi-host layer (issue 5) drives the
+//! same core.
+//!
+//! What the core owns: spaces and their membership, every chunk's published version and
+//! validity, which cache slot holds which chunk (and which slots lease holders write in),
+//! the open-addressing index the clients probe, LRU eviction, leases with their FIFO queues
+//! and timeouts, and the parked waits.
+
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use strata_client::shm::{name_hash, EntryValue, Geometry};
+use strata_client::{
+    check_chunk_name, check_space_name, ChunkEntry, ChunkList, Reason, ReasonKind,
+};
+
+/// A connection (leases and waits belong to it).
+pub type ClientId = u64;
+/// A parked wait or queued lease request.
+pub type WaiterId = u64;
+/// A lease.
+pub type LeaseId = u64;
+
+/// Who asks: the connection and its peer credentials.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Caller {
+    /// Connection.
+    pub client: ClientId,
+    /// Peer uid.
+    pub uid: u32,
+    /// Peer gid.
+    pub gid: u32,
+}
+
+/// What is remembered of a space (persisted by the shell).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SpaceMeta {
+    /// Name.
+    pub name: String,
+    /// Chunks only in shared memory.
+    pub volatile: bool,
+    /// Slot size (largest chunk).
+    pub slot_size: u64,
+    /// Slots in the cache.
+    pub slots: u32,
+    /// Permission bits (owner/group/other; read 4, write 2).
+    pub mode: u32,
+    /// Owner.
+    pub uid: u32,
+    /// Group.
+    pub gid: u32,
+    /// Member hosts.
+    pub hosts: Vec<String>,
+    /// Whether this host is a member now (unjoined spaces keep their durable chunks).
+    pub joined: bool,
+    /// Bumped each time the cache region is created.
+    pub generation: u64,
+}
+
+impl SpaceMeta {
+    /// The cache geometry.
+    pub fn geometry(&self) -> Geometry {
+        Geometry::new(self.slot_size, self.slots)
+    }
+}
+
+/// A chunk's published state (persisted for durable spaces).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkMeta {
+    /// Last published version (kept across invalidation, so versions never repeat).
+    pub version: u64,
+    /// Whether it may be read.
+    pub valid: bool,
+    /// Bytes.
+    pub len: u64,
+    /// crc32c of the bytes.
+    pub crc: u32,
+}
+
+/// Limits and defaults.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// This host's id.
+    pub host: String,
+    /// A lease not stopped within this long is reclaimed.
+    pub lease_timeout_ms: u64,
+    /// Default slot size of a new space.
+    pub default_slot_size: u64,
+    /// Default slot count.
+    pub default_slots: u32,
+    /// Largest slot size a space may ask for.
+    pub max_slot_size: u64,
+    /// Largest cache region of one space.
+    pub max_cache_bytes: u64,
+}
+
+/// A change the shell applies to a space's region (in order, before it lets go of the core).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Effect {
+    /// Create (or re-create) the space's region: empty index.
+    CreateRegion(SpaceMeta),
+    /// Retire and remove the region.
+    RemoveRegion(String),
+    /// Point an index entry at a chunk.
+    SetEntry {
+        /// Space.
+        space: String,
+        /// Entry.
+        entry: u32,
+        /// Contents.
+        value: EntryValue,
+    },
+    /// Empty an entry (`tombstone`: removed, probing goes on past it).
+    ClearEntry {
+        /// Space.
+        space: String,
+        /// Entry.
+        entry: u32,
+        /// Removed rather than empty.
+        tombstone: bool,
+    },
+    /// Record the space.
+    StoreSpace(SpaceMeta),
+    /// Record a durable chunk's new state (invalidation).
+    StoreChunk {
+        /// Space.
+        space: String,
+        /// Chunk.
+        chunk: String,
+        /// State.
+        meta: ChunkMeta,
+    },
+    /// A parked request is answered.
+    Wake {
+        /// Which.
+        waiter: WaiterId,
+        /// How.
+        outcome: Wake,
+    },
+}
+
+/// How a parked request ends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Wake {
+    /// A wait: the chunk at this version is in `slot` of `space`.
+    Chunk {
+        /// Space.
+        space: String,
+        /// Version.
+        version: u64,
+        /// Slot.
+        slot: u32,
+        /// Bytes.
+        len: u64,
+    },
+    /// A queued lease request got the lease.
+    Granted(Grant),
+    /// Failed (timeout, space gone, ...).
+    Fail(Reason),
+}
+
+/// What fills a new lease's buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fill {
+    /// Nothing (start empty).
+    Nothing,
+    /// Copy `len` bytes from this slot (the published copy).
+    Slot(u32, u64),
+    /// Load the durable copy (`len` bytes) from the store.
+    Disk(u64),
+    /// The buffer already is the published copy (start_invalidate takes the slot over).
+    InPlace,
+}
+
+/// A granted lease.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grant {
+    /// Lease.
+    pub lease: LeaseId,
+    /// Space.
+    pub space: String,
+    /// Chunk.
+    pub chunk: String,
+    /// Published version when granted (0: none).
+    pub version: u64,
+    /// Bytes of published contents the buffer starts with.
+    pub len: u64,
+    /// The buffer's slot.
+    pub slot: u32,
+    /// How to fill it.
+    pub fill: Fill,
+}
+
+/// Write or invalidate lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeaseKind {
+    /// start_write (or a plain write, which takes a lease internally).
+    Write {
+        /// Start with the published contents.
+        keep: bool,
+    },
+    /// start_invalidate.
+    Invalidate,
+}
+
+/// Outcome of asking for a lease.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LeaseOutcome {
+    /// Granted now.
+    Granted(Grant),
+    /// Queued behind the holder: a `Wake` for this waiter comes later.
+    Queued(WaiterId),
+    /// STARTWRITE_FAIL.
+    Fail(Reason),
+}
+
+/// Where a read finds its bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadPlan {
+    /// In the cache.
+    Resident {
+        /// Version.
+        version: u64,
+        /// Slot.
+        slot: u32,
+        /// Bytes.
+        len: u64,
+    },
+    /// Only in the durable store: load it (then [`Core::fill`] caches it).
+    Disk {
+        /// Version.
+        version: u64,
+        /// Bytes.
+        len: u64,
+        /// crc32c.
+        crc: u32,
+    },
+}
+
+/// Outcome of a wait.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WaitOutcome {
+    /// Answer now.
+    Now(ReadPlan),
+    /// Parked.
+    Parked(WaiterId),
+    /// WAIT_FAIL.
+    Fail(Reason),
+}
+
+/// A lease being published: copy/persist, then [`Core::finish_stop`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StopPlan {
+    /// Lease.
+    pub lease: LeaseId,
+    /// Space.
+    pub space: String,
+    /// Chunk.
+    pub chunk: String,
+    /// The buffer's slot.
+    pub slot: u32,
+    /// Version it will be published as.
+    pub version: u64,
+    /// Bytes to publish.
+    pub len: u64,
+    /// Whether the space is durable (persist before publishing).
+    pub durable: bool,
+}
+
+/// Invalidate outcome, in the seed's terms.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InvalidateOutcome {
+    /// The chunk is now invalid (seed: WRITE_FAIL).
+    Invalidated,
+    /// The chunk is still valid (seed: WRITE_OK): the call failed.
+    StillValid(u64, Reason),
+    /// The space is unknown (seed: WRITE_OK with a reason; nothing was invalidated).
+    Fail(Reason),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum IndexUse {
+    Empty,
+    Removed,
+    Live,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Resident {
+    slot: u32,
+    entry: u32,
+}
+
+#[derive(Debug, Clone)]
+struct ChunkState {
+    meta: ChunkMeta,
+    resident: Option<Resident>,
+    lease: Option<LeaseId>,
+    last_use: u64,
+}
+
+#[derive(Debug, Clone)]
+struct Lease {
+    client: ClientId,
+    space: String,
+    chunk: String,
+    slot: u32,
+    kind: LeaseKind,
+    deadline: u64,
+    committing: bool,
+}
+
+#[derive(Debug, Clone)]
+struct Waiter {
+    client: ClientId,
+    space: String,
+    chunk: String,
+    after: u64,
+    deadline: Option<u64>,
+}
+
+#[derive(Debug, Clone)]
+struct Queued {
+    id: WaiterId,
+    client: ClientId,
+    kind: LeaseKind,
+    deadline: Option<u64>,
+}
+
+#[derive(Debug)]
+struct Space {
+    meta: SpaceMeta,
+    chunks: HashMap<String, ChunkState>,
+    free: Vec<u32>,
+    index: Vec<IndexUse>,
+    removed: u32,
+    queues: HashMap<String, VecDeque<Queued>>,
+}
+
+impl Space {
+    fn new(meta: SpaceMeta) -> Space {
+        let geo = meta.geometry();
+        Space {
+            free: (0..meta.slots).rev().collect(),
+            index: vec![IndexUse::Empty; geo.index_entries as usize],
+            removed: 0,
+            chunks: HashMap::new(),
+            queues: HashMap::new(),
+            meta,
+        }
+    }
+}
+
+/// The state machine.
+pub struct Core {
+    limits: Limits,
+    spaces: BTreeMap<String, Space>,
+    leases: HashMap<LeaseId, Lease>,
+    waiters: HashMap<WaiterId, Waiter>,
+    next_id: u64,
+    now: u64,
+    uses: u64,
+}
+
+fn reason(kind: ReasonKind, m: impl Into<String>) -> Reason {
+    Reason::new(kind, m)
+}
+
+fn no_space(space: &str) -> Reason {
+    reason(
+        ReasonKind::NoSpace,
+        format!("no space {space:?} on this host"),
+    )
+}
+
+/// Whether `caller` may read (`write = false`) or write a space with these bits.
+fn allowed(meta: &SpaceMeta, c: &Caller, write: bool) -> bool {
+    if c.uid == 0 {
+        return true;
+    }
+    let bits = if c.uid == meta.uid {
+        meta.mode >> 6
+    } else if c.gid == meta.gid {
+        meta.mode >> 3
+    } else {
+        meta.mode
+    } & 7;
+    bits & if write { 2 } else { 4 } != 0
+}
+
+impl Core {
+    /// An empty core.
+    pub fn new(limits: Limits) -> Core {
+        Core {
+            limits,
+            spaces: BTreeMap::new(),
+            leases: HashMap::new(),
+            waiters: HashMap::new(),
+            next_id: 1,
+            now: 0,
+            uses: 0,
+        }
+    }
+
+    /// This host's id.
+    pub fn host(&self) -> &str {
+        &self.limits.host
+    }
+
+    /// Advance the clock (milliseconds, monotonic).
+    pub fn set_now(&mut self, now_ms: u64) {
+        self.now = self.now.max(now_ms);
+    }
+
+    fn id(&mut self) -> u64 {
+        let i = self.next_id;
+        self.next_id += 1;
+        i
+    }
+
+    /// Bring back a recorded space and its durable chunks (after a restart). A joined space
+    /// gets its region created (an effect); chunks are not cached until read.
+    pub fn restore(
+        &mut self,
+        mut meta: SpaceMeta,
+        chunks: Vec<(String, ChunkMeta)>,
+    ) -> Vec<Effect> {
+        let mut fx = Vec::new();
+        if meta.joined {
+            meta.generation += 1;
+            fx.push(Effect::StoreSpace(meta.clone()));
+            fx.push(Effect::CreateRegion(meta.clone()));
+        }
+        let mut s = Space::new(meta);
+        if !s.meta.volatile {
+            for (name, m) in chunks {
+                s.chunks.insert(
+                    name,
+                    ChunkState {
+                        meta: m,
+                        resident: None,
+                        lease: None,
+                        last_use: 0,
+                    },
+                );
+            }
+        }
+        self.spaces.insert(s.meta.name.clone(), s);
+        fx
+    }
+
+    /// The meta of a joined space the caller may read.
+    pub fn space_meta(&self, space: &str) -> Option<&SpaceMeta> {
+        self.spaces
+            .get(space)
+            .filter(|s| s.meta.joined)
+            .map(|s| &s.meta)
+    }
+
+    fn joined(&mut self, space: &str, c: &Caller, write: bool) -> Result<&mut Space, Reason> {
+        check_space_name(space)?;
+        match self.spaces.get_mut(space) {
+            Some(s) if s.meta.joined => {
+                if allowed(&s.meta, c, write) {
+                    Ok(s)
+                } else {
+                    Err(reason(
+                        ReasonKind::Permission,
+                        format!(
+                            "uid {} gid {} may not {} space {space:?} (mode {:o})",
+                            c.uid,
+                            c.gid,
+                            if write { "write" } else { "read" },
+                            s.meta.mode
+                        ),
+                    ))
+                }
+            }
+            _ => Err(no_space(space)),
+        }
+    }
+
+    /// create: `Ok(true)` CREATE_OK, `Ok(false)` CREATE_EXISTS.
+    pub fn create(
+        &mut self,
+        c: &Caller,
+        space: &str,
+        volatile: bool,
+        slot_size: Option<u64>,
+        slots: Option<u32>,
+        mode: Option<u32>,
+    ) -> Result<(bool, Vec<Effect>), Reason> {
+        check_space_name(space)?;
+        if self.spaces.contains_key(space) {
+            return Ok((false, vec![]));
+        }
+        let slot_size = slot_size.unwrap_or(self.limits.default_slot_size);
+        let slots = slots.unwrap_or(self.limits.default_slots);
+        if slot_size == 0
+            || !slot_size.is_multiple_of(4096)
+            || slot_size > self.limits.max_slot_size
+        {
+            return Err(reason(
+                ReasonKind::Invalid,
+                format!(
+                    "slot size {slot_size} must be a positive multiple of 4096 up to {}",
+                    self.limits.max_slot_size
+                ),
+            ));
+        }
+        let geo = Geometry::new(slot_size, slots);
+        if slots < 2 || geo.file_size() > self.limits.max_cache_bytes {
+            return Err(reason(
+                ReasonKind::Invalid,
+                format!(
+                    "{slots} slots of {slot_size} bytes: need at least 2 slots and at most {} bytes of cache",
+                    self.limits.max_cache_bytes
+                ),
+            ));
+        }
+        let mode = mode.unwrap_or(0o660);
+        if mode & !0o777 != 0 {
+            return Err(reason(ReasonKind::Invalid, format!("mode {mode:o}")));
+        }
+        let meta = SpaceMeta {
+            name: space.into(),
+            volatile,
+            slot_size,
+            slots,
+            mode,
+            uid: c.uid,
+            gid: c.gid,
+            hosts: vec![self.limits.host.clone()],
+            joined: true,
+            generation: 1,
+        };
+        self.spaces.insert(space.into(), Space::new(meta.clone()));
+        Ok((
+            true,
+            vec![Effect::StoreSpace(meta.clone()), Effect::CreateRegion(meta)],
+        ))
+    }
+
+    /// join: on one host, joining is re-joining a space this host left.
+    pub fn join(&mut self, c: &Caller, space: &str, host: &str) -> Result<Vec<Effect>, JoinError> {
+        check_space_name(space).map_err(JoinError::Fail)?;
+        let me = self.limits.host.clone();
+        let Some(s) = self.spaces.get_mut(space) else {
+            return Err(JoinError::Fail(if host == me {
+                no_space(space)
+            } else {
+                reason(
+                    ReasonKind::NoHost,
+                    format!("host {host:?} is not reachable from this host (single-host daemon)"),
+                )
+            }));
+        };
+        if s.meta.joined {
+            return Err(JoinError::Exists);
+        }
+        if host != me && !s.meta.hosts.iter().any(|h| h == host) {
+            return Err(JoinError::Fail(reason(
+                ReasonKind::NoHost,
+                format!("host {host:?} is not a member of space {space:?}"),
+            )));
+        }
+        if !allowed(&s.meta, c, true) {
+            return Err(JoinError::Fail(reason(
+                ReasonKind::Permission,
+                format!("uid {} may not join space {space:?}", c.uid),
+            )));
+        }
+        s.meta.joined = true;
+        s.meta.generation += 1;
+        if !s.meta.hosts.contains(&me) {
+            s.meta.hosts.push(me);
+        }
+        let meta = s.meta.clone();
+        Ok(vec![
+            Effect::StoreSpace(meta.clone()),
+            Effect::CreateRegion(meta),
+        ])
+    }
+
+    /// unjoin: `Ok(false)` is UNJOINSPACE_NOEXIST. Leases and waits of the space end;
+    /// volatile chunks are dropped; durable chunks stay for a later join.
+    pub fn unjoin(&mut self, c: &Caller, space: &str) -> Result<(bool, Vec<Effect>), Reason> {
+        let Some(s) = self.spaces.get_mut(space) else {
+            return Ok((false, vec![]));
+        };
+        if !s.meta.joined {
+            return Ok((false, vec![]));
+        }
+        if c.uid != 0 && c.uid != s.meta.uid {
+            return Err(reason(
+                ReasonKind::Permission,
+                format!(
+                    "only the owner (uid {}) or root may unjoin {space:?}",
+                    s.meta.uid
+                ),
+            ));
+        }
+        s.meta.joined = false;
+        let me = self.limits.host.clone();
+        s.meta.hosts.retain(|h| *h != me);
+        let volatile = s.meta.volatile;
+        let meta = s.meta.clone();
+        let fresh = Space::new(meta.clone());
+        let old = std::mem::replace(s, fresh);
+        if !volatile {
+            for (name, ch) in old.chunks {
+                s.chunks.insert(
+                    name,
+                    ChunkState {
+                        resident: None,
+                        lease: None,
+                        ..ch
+                    },
+                );
+            }
+        }
+        let mut fx = vec![Effect::StoreSpace(meta), Effect::RemoveRegion(space.into())];
+        self.leases.retain(|_, l| l.space != space);
+        let gone: Vec<WaiterId> = self
+            .waiters
+            .iter()
+            .filter(|(_, w)| w.space == space)
+            .map(|(i, _)| *i)
+            .collect();
+        for id in gone {
+            self.waiters.remove(&id);
+            fx.push(Effect::Wake {
+                waiter: id,
+                outcome: Wake::Fail(reason(ReasonKind::NoSpace, "the host left the space")),
+            });
+        }
+        for q in old.queues.into_values().flatten() {
+            fx.push(Effect::Wake {
+                waiter: q.id,
+                outcome: Wake::Fail(reason(ReasonKind::NoSpace, "the host left the space")),
+            });
+        }
+        Ok((true, fx))
+    }
+
+    /// The host list (`None`: SPACEGETHOSTS_NOEXIST).
+    pub fn hosts(&mut self, c: &Caller, space: &str) -> Result<Vec<String>, Reason> {
+        Ok(self.joined(space, c, false)?.meta.hosts.clone())
+    }
+
+    /// A chunk list. On one host every valid chunk has one copy, here, and it is the alpha.
+    pub fn chunks(
+        &mut self,
+        c: &Caller,
+        space: &str,
+        _list: ChunkList,
+    ) -> Result<Vec<ChunkEntry>, Reason> {
+        let host = self.limits.host.clone();
+        let s = self.joined(space, c, false)?;
+        let mut out: Vec<ChunkEntry> = s
+            .chunks
+            .iter()
+            .filter(|(_, ch)| ch.meta.valid)
+            .map(|(name, ch)| ChunkEntry {
+                chunk: name.clone(),
+                host: host.clone(),
+                alpha: true,
+                version: ch.meta.version,
+                len: ch.meta.len,
+                cached: ch.resident.is_some(),
+            })
+            .collect();
+        out.sort_by(|a, b| a.chunk.cmp(&b.chunk));
+        Ok(out)
+    }
+
+    /// Check the caller may read the space (for GETCHUNKCACHE and spawn).
+    pub fn check(&mut self, c: &Caller, space: &str, write: bool) -> Result<SpaceMeta, Reason> {
+        Ok(self.joined(space, c, write)?.meta.clone())
+    }
+
+    fn touch(&mut self) -> u64 {
+        self.uses += 1;
+        self.uses
+    }
+
+    /// read: `Ok(None)` is READ_WAITING.
+    pub fn read(
+        &mut self,
+        c: &Caller,
+        space: &str,
+        chunk: &str,
+    ) -> Result<Option<ReadPlan>, Reason> {
+        let t = self.touch();
+        let s = self.joined(space, c, false)?;
+        check_chunk_name(chunk)?;
+        Ok(s.chunks.get_mut(chunk).and_then(|ch| plan(ch, t)))
+    }
+
+    /// Cache a durable chunk loaded from the store: the slot to copy it into, and the
+    /// effects to apply once it is there (`None`: no slot free, serve it uncached).
+    pub fn fill(&mut self, space: &str, chunk: &str, version: u64) -> Option<(u32, Vec<Effect>)> {
+        let s = self.spaces.get_mut(space)?;
+        let ch = s.chunks.get(chunk)?;
+        if ch.resident.is_some() || !ch.meta.valid || ch.meta.version != version {
+            return None;
+        }
+        let meta = ch.meta;
+        let mut fx = Vec::new();
+        let slot = alloc_slot(s, &mut fx).ok()?;
+        publish_entry(s, chunk, slot, meta, &mut fx);
+        Some((slot, fx))
+    }
+
+    /// wait: the chunk now (if it exists and is newer than `after`), or a parked waiter.
+    pub fn wait(
+        &mut self,
+        c: &Caller,
+        space: &str,
+        chunk: &str,
+        after: Option<u64>,
+        timeout_ms: Option<u64>,
+    ) -> WaitOutcome {
+        let t = self.touch();
+        let now = self.now;
+        let s = match self.joined(space, c, false) {
+            Ok(s) => s,
+            Err(r) => return WaitOutcome::Fail(r),
+        };
+        if let Err(r) = check_chunk_name(chunk) {
+            return WaitOutcome::Fail(r);
+        }
+        let after = after.unwrap_or(0);
+        if let Some(ch) = s.chunks.get_mut(chunk) {
+            if ch.meta.valid && ch.meta.version > after {
+                if let Some(p) = plan(ch, t) {
+                    return WaitOutcome::Now(p);
+                }
+            }
+        }
+        if timeout_ms == Some(0) {
+            return WaitOutcome::Fail(reason(ReasonKind::Timeout, "chunk not there (timeout 0)"));
+        }
+        let id = self.id();
+        self.waiters.insert(
+            id,
+            Waiter {
+                client: c.client,
+                space: space.into(),
+                chunk: chunk.into(),
+                after,
+                deadline: timeout_ms.map(|t| now.saturating_add(t)),
+            },
+        );
+        WaitOutcome::Parked(id)
+    }
+
+    /// start_write / start_invalidate (and a plain write's internal lease).
+    pub fn start_lease(
+        &mut self,
+        c: &Caller,
+        space: &str,
+        chunk: &str,
+        kind: LeaseKind,
+        wait: bool,
+        timeout_ms: Option<u64>,
+    ) -> (LeaseOutcome, Vec<Effect>) {
+        let now = self.now;
+        let s = match self.joined(space, c, true) {
+            Ok(s) => s,
+            Err(r) => return (LeaseOutcome::Fail(r), vec![]),
+        };
+        if let Err(r) = check_chunk_name(chunk) {
+            return (LeaseOutcome::Fail(r), vec![]);
+        }
+        let holder = s.chunks.get(chunk).and_then(|ch| ch.lease);
+        if let Some(h) = holder {
+            if !wait {
+                return (
+                    LeaseOutcome::Fail(reason(
+                        ReasonKind::Busy,
+                        format!("chunk {chunk:?} is leased by another writer (lease {h})"),
+                    )),
+                    vec![],
+                );
+            }
+            let id = self.next_id;
+            self.next_id += 1;
+            let s = self.spaces.get_mut(space).expect("checked above");
+            s.queues.entry(chunk.into()).or_default().push_back(Queued {
+                id,
+                client: c.client,
+                kind,
+                deadline: timeout_ms.map(|t| now.saturating_add(t)),
+            });
+            return (LeaseOutcome::Queued(id), vec![]);
+        }
+        let mut fx = Vec::new();
+        let out = match self.grant(space, chunk, c.client, kind, &mut fx) {
+            Ok(g) => LeaseOutcome::Granted(g),
+            Err(r) => LeaseOutcome::Fail(r),
+        };
+        (out, fx)
+    }
+
+    fn grant(
+        &mut self,
+        space: &str,
+        chunk: &str,
+        client: ClientId,
+        kind: LeaseKind,
+        fx: &mut Vec<Effect>,
+    ) -> Result<Grant, Reason> {
+        let id = self.id();
+        let deadline = self.now.saturating_add(self.limits.lease_timeout_ms);
+        let s = self.spaces.get_mut(space).ok_or_else(|| no_space(space))?;
+        let cur = s.chunks.get(chunk).map(|ch| (ch.meta, ch.resident));
+        let (slot, fill, version, len) = match kind {
+            LeaseKind::Write { keep } => {
+                let slot = alloc_slot(s, fx)?;
+                // allocation may have evicted the chunk itself: look again
+                let resident = s.chunks.get(chunk).and_then(|ch| ch.resident);
+                let (version, len, fill) = match cur {
+                    Some((m, _)) if m.valid && keep => (
+                        m.version,
+                        m.len,
+                        match resident {
+                            Some(r) => Fill::Slot(r.slot, m.len),
+                            None if s.meta.volatile => Fill::Nothing,
+                            None => Fill::Disk(m.len),
+                        },
+                    ),
+                    Some((m, _)) => (m.version, 0, Fill::Nothing),
+                    None => (0, 0, Fill::Nothing),
+                };
+                (slot, fill, version, len)
+            }
+            LeaseKind::Invalidate => {
+                // invalid from now on; the buffer holds the last contents
+                let (slot, fill, version, len) = match cur {
+                    Some((m, Some(r))) if m.valid => {
+                        take_entry(s, chunk, r, fx);
+                        (r.slot, Fill::InPlace, m.version, m.len)
+                    }
+                    Some((m, _)) if m.valid && !s.meta.volatile => {
+                        (alloc_slot(s, fx)?, Fill::Disk(m.len), m.version, m.len)
+                    }
+                    Some((m, _)) => (alloc_slot(s, fx)?, Fill::Nothing, m.version, 0),
+                    None => (alloc_slot(s, fx)?, Fill::Nothing, 0, 0),
+                };
+                if let Some(ch) = s.chunks.get_mut(chunk) {
+                    if ch.meta.valid {
+                        ch.meta.valid = false;
+                        if !s.meta.volatile {
+                            fx.push(Effect::StoreChunk {
+                                space: space.into(),
+                                chunk: chunk.into(),
+                                meta: ch.meta,
+                            });
+                        }
+                    }
+                }
+                (slot, fill, version, len)
+            }
+        };
+        let ch = s.chunks.entry(chunk.into()).or_insert(ChunkState {
+            meta: ChunkMeta {
+                version: 0,
+                valid: false,
+                len: 0,
+                crc: 0,
+            },
+            resident: None,
+            lease: None,
+            last_use: 0,
+        });
+        ch.lease = Some(id);
+        self.leases.insert(
+            id,
+            Lease {
+                client,
+                space: space.into(),
+                chunk: chunk.into(),
+                slot,
+                kind,
+                deadline,
+                committing: false,
+            },
+        );
+        Ok(Grant {
+            lease: id,
+            space: space.into(),
+            chunk: chunk.into(),
+            version,
+            len,
+            slot,
+            fill,
+        })
+    }
+
+    /// Check that `c` holds `lease` (of the given kind).
+    fn held(&self, c: &Caller, lease: LeaseId, invalidate: bool) -> Result<&Lease, Reason> {
+        match self.leases.get(&lease) {
+            Some(l)
+                if l.client == c.client
+                    && !l.committing
+                    && matches!(l.kind, LeaseKind::Invalidate) == invalidate =>
+            {
+                Ok(l)
+            }
+            _ => Err(reason(
+                ReasonKind::NoLease,
+                format!("lease {lease} is not held by this connection (stopped, reclaimed, or never granted)"),
+            )),
+        }
+    }
+
+    /// Where a lease's buffer is (for stop_write with a payload).
+    pub fn lease_slot(&self, c: &Caller, lease: LeaseId) -> Result<(String, u32), Reason> {
+        let l = self.held(c, lease, false)?;
+        Ok((l.space.clone(), l.slot))
+    }
+
+    /// First half of stop_write: the lease is committing (no timeout, no reclaim) while
+    /// the shell checksums and persists its buffer.
+    pub fn begin_stop(&mut self, c: &Caller, lease: LeaseId, len: u64) -> Result<StopPlan, Reason> {
+        let l = self.held(c, lease, false)?;
+        let s = self
+            .spaces
+            .get(&l.space)
+            .ok_or_else(|| no_space(&l.space))?;
+        if len > s.meta.slot_size {
+            return Err(reason(
+                ReasonKind::TooLarge,
+                format!("length {len} is over the slot size {}", s.meta.slot_size),
+            ));
+        }
+        let version = s
+            .chunks
+            .get(&l.chunk)
+            .map(|ch| ch.meta.version)
+            .unwrap_or(0)
+            + 1;
+        let plan = StopPlan {
+            lease,
+            space: l.space.clone(),
+            chunk: l.chunk.clone(),
+            slot: l.slot,
+            version,
+            len,
+            durable: !s.meta.volatile,
+        };
+        if let Some(l) = self.leases.get_mut(&lease) {
+            l.committing = true;
+        }
+        Ok(plan)
+    }
+
+    /// Second half of stop_write: publish (`Ok((len, crc))`, the data is in the slot and,
+    /// for durable spaces, stored) or give up (`Err`: the chunk keeps its version). The
+    /// lease ends either way and the next queued request gets it.
+    pub fn finish_stop(
+        &mut self,
+        plan: &StopPlan,
+        result: Result<(u64, u32), Reason>,
+    ) -> (Result<u64, Reason>, Vec<Effect>) {
+        let mut fx = Vec::new();
+        let Some(l) = self.leases.remove(&plan.lease) else {
+            return (Err(reason(ReasonKind::NoLease, "lease vanished")), fx);
+        };
+        let t = self.touch();
+        let Some(s) = self.spaces.get_mut(&l.space) else {
+            return (Err(no_space(&l.space)), fx);
+        };
+        let out = match result {
+            Ok((len, crc)) => {
+                let meta = ChunkMeta {
+                    version: plan.version,
+                    valid: true,
+                    len,
+                    crc,
+                };
+                publish_entry(s, &l.chunk, l.slot, meta, &mut fx);
+                if let Some(ch) = s.chunks.get_mut(&l.chunk) {
+                    ch.last_use = t;
+                }
+                wake_waiters(
+                    &mut self.waiters,
+                    &l.space,
+                    &l.chunk,
+                    plan.version,
+                    l.slot,
+                    len,
+                    &mut fx,
+                );
+                Ok(plan.version)
+            }
+            Err(r) => {
+                s.free.push(l.slot);
+                Err(r)
+            }
+        };
+        if let Some(ch) = s.chunks.get_mut(&l.chunk) {
+            ch.lease = None;
+        }
+        self.next_in_queue(&l.space, &l.chunk, &mut fx);
+        (out, fx)
+    }
+
+    /// abort_write: the chunk keeps its version (returned).
+    pub fn abort(&mut self, c: &Caller, lease: LeaseId) -> (Result<u64, Reason>, Vec<Effect>) {
+        if let Err(r) = self.held(c, lease, false) {
+            return (Err(r), vec![]);
+        }
+        let mut fx = Vec::new();
+        let v = self.release(lease, &mut fx);
+        (Ok(v), fx)
+    }
+
+    /// stop_invalidate: the lease ends; the chunk stays invalid until written again.
+    pub fn stop_invalidate(
+        &mut self,
+        c: &Caller,
+        lease: LeaseId,
+    ) -> (Result<(), Reason>, Vec<Effect>) {
+        if let Err(r) = self.held(c, lease, true) {
+            return (Err(r), vec![]);
+        }
+        let mut fx = Vec::new();
+        self.release(lease, &mut fx);
+        (Ok(()), fx)
+    }
+
+    /// End a granted lease whose buffer could not be prepared (the shell's fill failed).
+    pub fn cancel(&mut self, lease: LeaseId) -> Vec<Effect> {
+        let mut fx = Vec::new();
+        self.release(lease, &mut fx);
+        fx
+    }
+
+    /// End a lease without publishing; returns the chunk's version.
+    fn release(&mut self, lease: LeaseId, fx: &mut Vec<Effect>) -> u64 {
+        let Some(l) = self.leases.remove(&lease) else {
+            return 0;
+        };
+        let Some(s) = self.spaces.get_mut(&l.space) else {
+            return 0;
+        };
+        s.free.push(l.slot);
+        let mut v = 0;
+        if let Some(ch) = s.chunks.get_mut(&l.chunk) {
+            ch.lease = None;
+            v = ch.meta.version;
+        }
+        self.next_in_queue(&l.space, &l.chunk, fx);
+        v
+    }
+
+    fn next_in_queue(&mut self, space: &str, chunk: &str, fx: &mut Vec<Effect>) {
+        loop {
+            let Some(q) = self
+                .spaces
+                .get_mut(space)
+                .and_then(|s| s.queues.get_mut(chunk))
+                .and_then(|q| q.pop_front())
+            else {
+                return;
+            };
+            let outcome = match self.grant(space, chunk, q.client, q.kind, fx) {
+                Ok(g) => Wake::Granted(g),
+                Err(r) => Wake::Fail(r),
+            };
+            let granted = matches!(outcome, Wake::Granted(_));
+            fx.push(Effect::Wake {
+                waiter: q.id,
+                outcome,
+            });
+            if granted {
+                return;
+            }
+        }
+    }
+
+    /// invalidate.
+    pub fn invalidate(
+        &mut self,
+        c: &Caller,
+        space: &str,
+        chunk: &str,
+    ) -> (InvalidateOutcome, Vec<Effect>) {
+        let s = match self.joined(space, c, true) {
+            Ok(s) => s,
+            Err(r) => return (InvalidateOutcome::Fail(r), vec![]),
+        };
+        if let Err(r) = check_chunk_name(chunk) {
+            return (InvalidateOutcome::Fail(r), vec![]);
+        }
+        let mut fx = Vec::new();
+        let Some(ch) = s.chunks.get(chunk) else {
+            return (InvalidateOutcome::Invalidated, fx);
+        };
+        if !ch.meta.valid {
+            return (InvalidateOutcome::Invalidated, fx);
+        }
+        if let Some(h) = ch.lease {
+            return (
+                InvalidateOutcome::StillValid(
+                    ch.meta.version,
+                    reason(
+                        ReasonKind::Busy,
+                        format!("chunk {chunk:?} is leased (lease {h})"),
+                    ),
+                ),
+                fx,
+            );
+        }
+        if let Some(r) = ch.resident {
+            take_entry(s, chunk, r, &mut fx);
+            s.free.push(r.slot);
+        }
+        let ch = s.chunks.get_mut(chunk).expect("present");
+        ch.meta.valid = false;
+        if !s.meta.volatile {
+            fx.push(Effect::StoreChunk {
+                space: space.into(),
+                chunk: chunk.into(),
+                meta: ch.meta,
+            });
+        }
+        (InvalidateOutcome::Invalidated, fx)
+    }
+
+    /// A connection closed: its leases are reclaimed (the chunks stay at their last
+    /// published versions), its waits and queued requests dropped.
+    pub fn disconnect(&mut self, client: ClientId) -> Vec<Effect> {
+        let mut fx = Vec::new();
+        self.waiters.retain(|_, w| w.client != client);
+        for s in self.spaces.values_mut() {
+            for q in s.queues.values_mut() {
+                q.retain(|x| x.client != client);
+            }
+        }
+        let mut mine: Vec<LeaseId> = self
+            .leases
+            .iter()
+            .filter(|(_, l)| l.client == client && !l.committing)
+            .map(|(i, _)| *i)
+            .collect();
+        mine.sort_unstable();
+        for id in mine {
+            self.release(id, &mut fx);
+        }
+        fx
+    }
+
+    /// Time passed: waits and queued requests past their deadline fail with `timeout`;
+    /// leases past `lease_timeout` are reclaimed.
+    pub fn tick(&mut self, now_ms: u64) -> Vec<Effect> {
+        self.set_now(now_ms);
+        let now = self.now;
+        let mut fx = Vec::new();
+        let mut late: Vec<WaiterId> = self
+            .waiters
+            .iter()
+            .filter(|(_, w)| w.deadline.is_some_and(|d| d <= now))
+            .map(|(i, _)| *i)
+            .collect();
+        late.sort_unstable();
+        for id in late {
+            self.waiters.remove(&id);
+            fx.push(Effect::Wake {
+                waiter: id,
+                outcome: Wake::Fail(reason(
+                    ReasonKind::Timeout,
+                    "timed out waiting for the chunk",
+                )),
+            });
+        }
+        for s in self.spaces.values_mut() {
+            for q in s.queues.values_mut() {
+                q.retain(|x| {
+                    let keep = x.deadline.is_none_or(|d| d > now);
+                    if !keep {
+                        fx.push(Effect::Wake {
+                            waiter: x.id,
+                            outcome: Wake::Fail(reason(
+                                ReasonKind::Timeout,
+                                "timed out queued behind another writer's lease",
+                            )),
+                        });
+                    }
+                    keep
+                });
+            }
+        }
+        let mut expired: Vec<LeaseId> = self
+            .leases
+            .iter()
+            .filter(|(_, l)| !l.committing && l.deadline <= now)
+            .map(|(i, _)| *i)
+            .collect();
+        expired.sort_unstable();
+        for id in expired {
+            self.release(id, &mut fx);
+        }
+        fx
+    }
+
+    /// The earliest deadline (for the shell's timer).
+    pub fn has_deadlines(&self) -> bool {
+        !self.leases.is_empty() || self.waiters.values().any(|w| w.deadline.is_some())
+    }
+
+    /// Cached chunks of a space, for a repair: (chunk, slot, meta).
+    pub fn resident(&self, space: &str) -> Vec<(String, u32, ChunkMeta)> {
+        let Some(s) = self.spaces.get(space) else {
+            return vec![];
+        };
+        let mut v: Vec<_> = s
+            .chunks
+            .iter()
+            .filter_map(|(n, ch)| ch.resident.map(|r| (n.clone(), r.slot, ch.meta)))
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
+    /// Forget a cached copy (its slot was found corrupted): durable chunks stay valid on
+    /// disk; a volatile chunk is lost and becomes invalid.
+    pub fn drop_resident(&mut self, space: &str, chunk: &str) {
+        let Some(s) = self.spaces.get_mut(space) else {
+            return;
+        };
+        let volatile = s.meta.volatile;
+        if let Some(ch) = s.chunks.get_mut(chunk) {
+            if let Some(r) = ch.resident.take() {
+                s.index[r.entry as usize] = IndexUse::Removed;
+                s.removed += 1;
+                s.free.push(r.slot);
+                if volatile {
+                    ch.meta.valid = false;
+                }
+            }
+        }
+    }
+
+    /// Rewrite a space's whole index from the core's state (after a repair, or to drop
+    /// tombstones): a new region generation with every cached chunk re-entered.
+    pub fn rebuild(&mut self, space: &str) -> Vec<Effect> {
+        let Some(s) = self.spaces.get_mut(space) else {
+            return vec![];
+        };
+        let mut fx = Vec::new();
+        // every entry, not only the ones in use: a scribbled empty entry must go too
+        for (i, u) in s.index.iter_mut().enumerate() {
+            fx.push(Effect::ClearEntry {
+                space: space.into(),
+                entry: i as u32,
+                tombstone: false,
+            });
+            *u = IndexUse::Empty;
+        }
+        s.removed = 0;
+        let mut names: Vec<String> = s
+            .chunks
+            .iter()
+            .filter(|(_, ch)| ch.resident.is_some())
+            .map(|(n, _)| n.clone())
+            .collect();
+        names.sort();
+        for n in names {
+            let ch = s.chunks.get(&n).expect("listed");
+            let (slot, meta) = (ch.resident.expect("resident").slot, ch.meta);
+            let entry = free_entry(s, &n);
+            s.index[entry as usize] = IndexUse::Live;
+            if let Some(ch) = s.chunks.get_mut(&n) {
+                ch.resident = Some(Resident { slot, entry });
+            }
+            fx.push(set_entry(space, entry, &n, slot, meta));
+        }
+        fx
+    }
+
+    /// Slots in use by cached chunks and leases, and free ones (for tests and status).
+    pub fn slot_usage(&self, space: &str) -> Option<(usize, usize, usize)> {
+        let s = self.spaces.get(space)?;
+        let cached = s.chunks.values().filter(|c| c.resident.is_some()).count();
+        let leased = self.leases.values().filter(|l| l.space == space).count();
+        Some((cached, leased, s.free.len()))
+    }
+}
+
+/// Why a join failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JoinError {
+    /// JOINSPACE_EXISTS.
+    Exists,
+    /// JOINSPACE_FAIL.
+    Fail(Reason),
+}
+
+fn plan(ch: &mut ChunkState, t: u64) -> Option<ReadPlan> {
+    if !ch.meta.valid {
+        return None;
+    }
+    ch.last_use = t;
+    Some(match ch.resident {
+        Some(r) => ReadPlan::Resident {
+            version: ch.meta.version,
+            slot: r.slot,
+            len: ch.meta.len,
+        },
+        None => ReadPlan::Disk {
+            version: ch.meta.version,
+            len: ch.meta.len,
+            crc: ch.meta.crc,
+        },
+    })
+}
+
+fn set_entry(space: &str, entry: u32, chunk: &str, slot: u32, m: ChunkMeta) -> Effect {
+    Effect::SetEntry {
+        space: space.into(),
+        entry,
+        value: EntryValue {
+            name: chunk.into(),
+            version: m.version,
+            slot,
+            len: m.len,
+            crc: m.crc,
+        },
+    }
+}
+
+/// The first entry a new chunk may take on its probe sequence.
+fn free_entry(s: &Space, chunk: &str) -> u32 {
+    let n = s.index.len() as u64;
+    let start = name_hash(chunk) % n;
+    (0..n)
+        .map(|p| ((start + p) % n) as u32)
+        .find(|&i| s.index[i as usize] != IndexUse::Live)
+        .expect("the index has twice as many entries as there are slots")
+}
+
+/// Publish `meta` in `slot` for `chunk`: its entry is updated in place (readers of the old
+/// slot see the sequence change), and its old slot freed.
+fn publish_entry(s: &mut Space, chunk: &str, slot: u32, meta: ChunkMeta, fx: &mut Vec<Effect>) {
+    let space = s.meta.name.clone();
+    let old = s.chunks.get(chunk).and_then(|c| c.resident);
+    let entry = match old {
+        Some(r) => r.entry,
+        None => {
+            let e = free_entry(s, chunk);
+            if s.index[e as usize] == IndexUse::Removed {
+                s.removed -= 1;
+            }
+            s.index[e as usize] = IndexUse::Live;
+            e
+        }
+    };
+    fx.push(set_entry(&space, entry, chunk, slot, meta));
+    if let Some(r) = old {
+        if r.slot != slot {
+            s.free.push(r.slot);
+        }
+    }
+    let ch = s.chunks.entry(chunk.into()).or_insert(ChunkState {
+        meta,
+        resident: None,
+        lease: None,
+        last_use: 0,
+    });
+    ch.meta = meta;
+    ch.resident = Some(Resident { slot, entry });
+}
+
+/// Take a chunk's cached copy out of the index (its slot is now the caller's).
+fn take_entry(s: &mut Space, chunk: &str, r: Resident, fx: &mut Vec<Effect>) {
+    fx.push(Effect::ClearEntry {
+        space: s.meta.name.clone(),
+        entry: r.entry,
+        tombstone: true,
+    });
+    s.index[r.entry as usize] = IndexUse::Removed;
+    s.removed += 1;
+    if let Some(ch) = s.chunks.get_mut(chunk) {
+        ch.resident = None;
+    }
+}
+
+/// A free slot, evicting the least recently used cached chunk of a durable space.
+fn alloc_slot(s: &mut Space, fx: &mut Vec<Effect>) -> Result<u32, Reason> {
+    if let Some(slot) = s.free.pop() {
+        return Ok(slot);
+    }
+    if s.meta.volatile {
+        return Err(reason(
+            ReasonKind::CacheFull,
+            format!(
+                "all {} slots of volatile space {:?} hold chunks or lease buffers (volatile spaces never evict)",
+                s.meta.slots, s.meta.name
+            ),
+        ));
+    }
+    let victim = s
+        .chunks
+        .iter()
+        .filter_map(|(n, ch)| ch.resident.map(|r| (ch.last_use, n.clone(), r)))
+        .min_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.cmp(&b.1)));
+    let Some((_, name, r)) = victim else {
+        return Err(reason(
+            ReasonKind::CacheFull,
+            format!(
+                "all {} slots of space {:?} are lease buffers",
+                s.meta.slots, s.meta.name
+            ),
+        ));
+    };
+    take_entry(s, &name, r, fx);
+    Ok(r.slot)
+}
+
+fn wake_waiters(
+    waiters: &mut HashMap<WaiterId, Waiter>,
+    space: &str,
+    chunk: &str,
+    version: u64,
+    slot: u32,
+    len: u64,
+    fx: &mut Vec<Effect>,
+) {
+    let mut ready: Vec<WaiterId> = waiters
+        .iter()
+        .filter(|(_, w)| w.space == space && w.chunk == chunk && version > w.after)
+        .map(|(i, _)| *i)
+        .collect();
+    ready.sort_unstable();
+    for id in ready {
+        waiters.remove(&id);
+        fx.push(Effect::Wake {
+            waiter: id,
+            outcome: Wake::Chunk {
+                space: space.into(),
+                version,
+                slot,
+                len,
+            },
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn core() -> Core {
+        Core::new(Limits {
+            host: "h1".into(),
+            lease_timeout_ms: 1000,
+            default_slot_size: 4096,
+            default_slots: 4,
+            max_slot_size: 1 << 20,
+            max_cache_bytes: 1 << 30,
+        })
+    }
+    const A: Caller = Caller {
+        client: 1,
+        uid: 1000,
+        gid: 1000,
+    };
+    const B: Caller = Caller {
+        client: 2,
+        uid: 1000,
+        gid: 1000,
+    };
+    const OTHER: Caller = Caller {
+        client: 3,
+        uid: 2000,
+        gid: 2000,
+    };
+
+    /// Write through a lease: what the shell does for `write`.
+    fn write(c: &mut Core, who: &Caller, chunk: &str, len: u64) -> Result<u64, Reason> {
+        let (o, _) = c.start_lease(
+            who,
+            "s",
+            chunk,
+            LeaseKind::Write { keep: false },
+            false,
+            None,
+        );
+        let g = match o {
+            LeaseOutcome::Granted(g) => g,
+            LeaseOutcome::Fail(r) => return Err(r),
+            LeaseOutcome::Queued(_) => panic!("queued"),
+        };
+        let p = c.begin_stop(who, g.lease, len)?;
+        c.finish_stop(&p, Ok((len, 7))).0
+    }
+
+    #[test]
+    fn create_write_read_versions() {
+        let mut c = core();
+        let (ok, fx) = c.create(&A, "s", false, None, None, None).unwrap();
+        assert!(ok && matches!(fx[1], Effect::CreateRegion(_)));
+        assert!(!c.create(&A, "s", false, None, None, None).unwrap().0);
+        assert_eq!(c.read(&A, "s", "x").unwrap(), None);
+        assert_eq!(write(&mut c, &A, "x", 10).unwrap(), 1);
+        assert_eq!(write(&mut c, &A, "x", 20).unwrap(), 2);
+        assert!(matches!(
+            c.read(&A, "s", "x").unwrap(),
+            Some(ReadPlan::Resident {
+                version: 2,
+                len: 20,
+                ..
+            })
+        ));
+        assert_eq!(
+            c.read(&A, "nope", "x").unwrap_err().kind,
+            ReasonKind::NoSpace
+        );
+        assert_eq!(
+            c.read(&A, "s", "../x").unwrap_err().kind,
+            ReasonKind::BadName
+        );
+        // other users: mode 660 denies
+        assert_eq!(
+            c.read(&OTHER, "s", "x").unwrap_err().kind,
+            ReasonKind::Permission
+        );
+        // one slot per chunk (old ones freed)
+        assert_eq!(c.slot_usage("s"), Some((1, 0, 3)));
+    }
+
+    #[test]
+    fn one_writer_queue_and_reclaim() {
+        let mut c = core();
+        c.create(&A, "s", false, None, None, None).unwrap();
+        let (o, _) = c.start_lease(&A, "s", "x", LeaseKind::Write { keep: true }, false, None);
+        let LeaseOutcome::Granted(g) = o else {
+            panic!()
+        };
+        // second writer: busy, or queued
+        let (o, _) = c.start_lease(&B, "s", "x", LeaseKind::Write { keep: true }, false, None);
+        assert!(matches!(o, LeaseOutcome::Fail(ref r) if r.kind == ReasonKind::Busy));
+        let (o, _) = c.start_lease(
+            &B,
+            "s",
+            "x",
+            LeaseKind::Write { keep: true },
+            true,
+            Some(5000),
+        );
+        let LeaseOutcome::Queued(w) = o else { panic!() };
+        // B cannot stop A's lease
+        assert_eq!(
+            c.begin_stop(&B, g.lease, 1).unwrap_err().kind,
+            ReasonKind::NoLease
+        );
+        // A disconnects: lease reclaimed, B gets it
+        let fx = c.disconnect(A.client);
+        let granted = fx.iter().find_map(|e| match e {
+            Effect::Wake {
+                waiter,
+                outcome: Wake::Granted(g),
+            } if *waiter == w => Some(g.clone()),
+            _ => None,
+        });
+        let g2 = granted.expect("B granted");
+        assert_eq!(g2.version, 0);
+        // B's lease is B's: it publishes version 1
+        c.tick(500);
+        let p = c.begin_stop(&B, g2.lease, 1).unwrap();
+        assert_eq!(c.finish_stop(&p, Ok((1, 0))).0.unwrap(), 1);
+    }
+
+    #[test]
+    fn lease_timeout_reclaims_and_chunk_keeps_version() {
+        let mut c = core();
+        c.create(&A, "s", false, None, None, None).unwrap();
+        write(&mut c, &A, "x", 5).unwrap();
+        c.set_now(100);
+        let (o, _) = c.start_lease(&A, "s", "x", LeaseKind::Write { keep: true }, false, None);
+        let LeaseOutcome::Granted(g) = o else {
+            panic!()
+        };
+        assert!(matches!(g.fill, Fill::Slot(_, 5)));
+        c.tick(1099);
+        assert!(c.slot_usage("s").unwrap().1 == 1);
+        c.tick(1100);
+        assert_eq!(c.slot_usage("s"), Some((1, 0, 3)));
+        assert_eq!(
+            c.begin_stop(&A, g.lease, 1).unwrap_err().kind,
+            ReasonKind::NoLease
+        );
+        assert!(matches!(
+            c.read(&A, "s", "x").unwrap(),
+            Some(ReadPlan::Resident { version: 1, .. })
+        ));
+    }
+
+    #[test]
+    fn waits_wake_on_publish_or_time_out() {
+        let mut c = core();
+        c.create(&A, "s", false, None, None, None).unwrap();
+        let WaitOutcome::Parked(w1) = c.wait(&B, "s", "x", None, None) else {
+            panic!()
+        };
+        let WaitOutcome::Parked(w2) = c.wait(&B, "s", "x", Some(1), Some(50)) else {
+            panic!()
+        };
+        let (o, _) = c.start_lease(&A, "s", "x", LeaseKind::Write { keep: false }, false, None);
+        let LeaseOutcome::Granted(g) = o else {
+            panic!()
+        };
+        let p = c.begin_stop(&A, g.lease, 3).unwrap();
+        let (v, fx) = c.finish_stop(&p, Ok((3, 1)));
+        assert_eq!(v.unwrap(), 1);
+        assert!(fx.iter().any(|e| matches!(e, Effect::Wake { waiter, outcome: Wake::Chunk { version: 1, .. } } if *waiter == w1)));
+        assert!(!fx
+            .iter()
+            .any(|e| matches!(e, Effect::Wake { waiter, .. } if *waiter == w2)));
+        let fx = c.tick(60);
+        assert!(fx.iter().any(|e| matches!(e, Effect::Wake { waiter, outcome: Wake::Fail(r) } if *waiter == w2 && r.kind == ReasonKind::Timeout)));
+        assert!(matches!(
+            c.wait(&B, "s", "x", None, None),
+            WaitOutcome::Now(_)
+        ));
+        assert!(matches!(
+            c.wait(&B, "s", "x", Some(1), Some(0)),
+            WaitOutcome::Fail(_)
+        ));
+    }
+
+    #[test]
+    fn invalidate_and_start_invalidate() {
+        let mut c = core();
+        c.create(&A, "s", false, None, None, None).unwrap();
+        assert_eq!(c.invalidate(&A, "s", "x").0, InvalidateOutcome::Invalidated);
+        write(&mut c, &A, "x", 5).unwrap();
+        let (o, fx) = c.invalidate(&A, "s", "x");
+        assert_eq!(o, InvalidateOutcome::Invalidated);
+        assert!(fx
+            .iter()
+            .any(|e| matches!(e, Effect::StoreChunk { meta, .. } if !meta.valid)));
+        assert_eq!(c.read(&A, "s", "x").unwrap(), None);
+        // written again: version continues
+        assert_eq!(write(&mut c, &A, "x", 5).unwrap(), 2);
+        // a leased chunk cannot be invalidated
+        let (o, _) = c.start_lease(&B, "s", "x", LeaseKind::Write { keep: false }, false, None);
+        let LeaseOutcome::Granted(g) = o else {
+            panic!()
+        };
+        assert!(matches!(
+            c.invalidate(&A, "s", "x").0,
+            InvalidateOutcome::StillValid(2, _)
+        ));
+        c.abort(&B, g.lease).0.unwrap();
+        // start_invalidate: invalid at once, buffer is the old slot, until stop
+        let (o, _) = c.start_lease(&A, "s", "x", LeaseKind::Invalidate, false, None);
+        let LeaseOutcome::Granted(g) = o else {
+            panic!()
+        };
+        assert_eq!(g.fill, Fill::InPlace);
+        assert_eq!(c.read(&A, "s", "x").unwrap(), None);
+        assert_eq!(
+            c.begin_stop(&A, g.lease, 1).unwrap_err().kind,
+            ReasonKind::NoLease
+        );
+        c.stop_invalidate(&A, g.lease).0.unwrap();
+        assert_eq!(c.read(&A, "s", "x").unwrap(), None);
+        assert_eq!(c.slot_usage("s"), Some((0, 0, 4)));
+    }
+
+    #[test]
+    fn eviction_only_in_durable_spaces() {
+        let mut c = core();
+        c.create(&A, "d", false, None, Some(2), None).unwrap();
+        c.create(&A, "v", true, None, Some(2), None).unwrap();
+        for sp in ["d", "v"] {
+            for (i, ch) in ["a", "b", "c"].iter().enumerate() {
+                let (o, _) =
+                    c.start_lease(&A, sp, ch, LeaseKind::Write { keep: false }, false, None);
+                match o {
+                    LeaseOutcome::Granted(g) => {
+                        let p = c.begin_stop(&A, g.lease, 1).unwrap();
+                        c.finish_stop(&p, Ok((1, 0))).0.unwrap();
+                    }
+                    LeaseOutcome::Fail(r) => {
+                        assert_eq!((sp, i, r.kind), ("v", 2, ReasonKind::CacheFull));
+                    }
+                    _ => panic!(),
+                }
+            }
+        }
+        // durable: "a" (least recently used) was evicted to disk and reads from there
+        assert!(matches!(
+            c.read(&A, "d", "a").unwrap(),
+            Some(ReadPlan::Disk { .. })
+        ));
+        assert!(matches!(
+            c.read(&A, "d", "c").unwrap(),
+            Some(ReadPlan::Resident { .. })
+        ));
+        // filling "a" again evicts the LRU one ("b")
+        let (_, fx) = c.fill("d", "a", 1).unwrap();
+        assert!(fx.iter().any(|e| matches!(
+            e,
+            Effect::ClearEntry {
+                tombstone: true,
+                ..
+            }
+        )));
+        assert!(matches!(
+            c.read(&A, "d", "b").unwrap(),
+            Some(ReadPlan::Disk { .. })
+        ));
+    }
+
+    #[test]
+    fn unjoin_keeps_durable_chunks_and_join_restores() {
+        let mut c = core();
+        c.create(&A, "s", false, None, None, None).unwrap();
+        write(&mut c, &A, "x", 5).unwrap();
+        let WaitOutcome::Parked(w) = c.wait(&B, "s", "y", None, None) else {
+            panic!()
+        };
+        assert_eq!(
+            c.unjoin(&OTHER, "s").unwrap_err().kind,
+            ReasonKind::Permission
+        );
+        let (ok, fx) = c.unjoin(&A, "s").unwrap();
+        assert!(ok);
+        assert!(fx
+            .iter()
+            .any(|e| matches!(e, Effect::Wake { waiter, .. } if *waiter == w)));
+        assert!(!c.unjoin(&A, "s").unwrap().0);
+        assert_eq!(c.hosts(&A, "s").unwrap_err().kind, ReasonKind::NoSpace);
+        assert_eq!(
+            c.join(&A, "s", "elsewhere").unwrap_err(),
+            JoinError::Fail(reason(
+                ReasonKind::NoHost,
+                "host \"elsewhere\" is not a member of space \"s\""
+            ))
+        );
+        c.join(&A, "s", "h1").unwrap();
+        assert_eq!(c.join(&A, "s", "h1").unwrap_err(), JoinError::Exists);
+        assert!(matches!(
+            c.read(&A, "s", "x").unwrap(),
+            Some(ReadPlan::Disk { version: 1, .. })
+        ));
+        assert_eq!(c.hosts(&A, "s").unwrap(), vec!["h1".to_string()]);
+    }
+
+    #[test]
+    fn index_rebuild_reenters_every_cached_chunk() {
+        let mut c = core();
+        c.create(&A, "s", false, None, None, None).unwrap();
+        for ch in ["a", "b", "c"] {
+            write(&mut c, &A, ch, 1).unwrap();
+        }
+        c.invalidate(&A, "s", "b");
+        let fx = c.rebuild("s");
+        let sets = fx
+            .iter()
+            .filter(|e| matches!(e, Effect::SetEntry { .. }))
+            .count();
+        assert_eq!(sets, 2);
+        let clears = fx
+            .iter()
+            .filter(|e| matches!(e, Effect::ClearEntry { .. }))
+            .count();
+        assert_eq!(clears, 8);
+        c.drop_resident("s", "a");
+        assert!(matches!(
+            c.read(&A, "s", "a").unwrap(),
+            Some(ReadPlan::Disk { .. })
+        ));
+    }
+}

@@ -1,0 +1,538 @@
+//! The blocking client: one Unix-socket connection to `stratad`, plus read-only mappings of
+//! the spaces' shared-memory caches so that reads of cached chunks never leave the process.
+//!
+//! Leases (start_write, start_invalidate) belong to the connection: closing it (or the
+//! process dying) gives them back, and the chunk stays at its last published version.
+
+use crate::frame::{read_frame, write_frame, FrameError};
+use crate::ops::{self, CacheSet, ClientError, Grant, Lookup};
+use crate::proto::*;
+use crate::shm::raw::Mapping;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+
+/// A connection to `stratad`.
+pub struct Client {
+    s: UnixStream,
+    socket: PathBuf,
+    caches: CacheSet,
+    use_cache: bool,
+    verify: bool,
+}
+
+/// What [`Client::read_into`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReadInto {
+    /// READ_OK: the buffer holds the chunk.
+    Ok {
+        /// Version.
+        version: u64,
+        /// Served from the shared-memory cache.
+        from_cache: bool,
+    },
+    /// READ_WAITING.
+    Waiting,
+    /// READ_FAIL.
+    Fail(Reason),
+}
+
+/// A start_write or start_invalidate lease: a buffer of the slot size, in shared memory when
+/// this process may map the cache writable (one copy for a write), else in local memory.
+pub struct WriteLease {
+    id: u64,
+    base_version: u64,
+    len: usize,
+    capacity: usize,
+    buf: LeaseBuf,
+}
+
+enum LeaseBuf {
+    Shared(Mapping),
+    Local(Vec<u8>),
+}
+
+impl WriteLease {
+    /// The lease's id (for the wire).
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+    /// The version published when the lease was granted (0: none).
+    pub fn base_version(&self) -> u64 {
+        self.base_version
+    }
+    /// Bytes that will be published (initially the last published length when the lease
+    /// was asked to keep the contents, else 0).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    /// Whether nothing will be published.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    /// Largest chunk the buffer holds.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+    /// Whether the buffer is the cache slot itself (no copy at stop_write).
+    pub fn is_shared(&self) -> bool {
+        matches!(self.buf, LeaseBuf::Shared(_))
+    }
+    /// Set how many bytes of the buffer to publish.
+    pub fn set_len(&mut self, len: usize) -> Result<(), ClientError> {
+        if len > self.capacity {
+            return Err(ClientError::Lease(format!(
+                "length {len} is over the buffer's capacity of {}",
+                self.capacity
+            )));
+        }
+        self.len = len;
+        Ok(())
+    }
+    /// The whole buffer (`capacity` bytes) to read and write in place.
+    pub fn buffer_mut(&mut self) -> &mut [u8] {
+        match &mut self.buf {
+            LeaseBuf::Shared(m) => m.slice_mut().unwrap_or(&mut []),
+            LeaseBuf::Local(v) => &mut v[..],
+        }
+    }
+    /// The bytes that will be published.
+    pub fn data_mut(&mut self) -> &mut [u8] {
+        let len = self.len;
+        &mut self.buffer_mut()[..len]
+    }
+    /// Replace the contents with `data` (sets the length).
+    pub fn fill(&mut self, data: &[u8]) -> Result<(), ClientError> {
+        self.set_len(data.len())?;
+        self.buffer_mut()[..data.len()].copy_from_slice(data);
+        Ok(())
+    }
+    /// A lease for a grant: the slot mapped writable, or a local buffer when this process
+    /// may not map it (mode bits).
+    pub(crate) fn from_grant(g: &Grant) -> Result<WriteLease, ClientError> {
+        let capacity = usize::try_from(g.capacity)
+            .map_err(|_| ClientError::Protocol("lease capacity".into()))?;
+        let len = usize::try_from(g.len.min(g.capacity)).unwrap_or(0);
+        let buf = match crate::shm::map_lease(std::path::Path::new(&g.path), g.offset, g.capacity) {
+            Ok(m) if m.len() == capacity => LeaseBuf::Shared(m),
+            _ => LeaseBuf::Local(vec![0u8; capacity]),
+        };
+        Ok(WriteLease {
+            id: g.lease,
+            base_version: g.version,
+            len,
+            capacity,
+            buf,
+        })
+    }
+    /// Whether a local buffer must be filled with the published contents by a read.
+    pub(crate) fn needs_fill(&self, keep: bool) -> bool {
+        keep && self.len > 0 && !self.is_shared()
+    }
+    /// Fill a local buffer from a READ_OK.
+    pub(crate) fn fill_local(&mut self, r: &SpaceReply, data: &[u8]) {
+        if let (SpaceReply::ReadOk { .. }, LeaseBuf::Local(v)) = (r, &mut self.buf) {
+            let n = data.len().min(v.len());
+            v[..n].copy_from_slice(&data[..n]);
+        }
+    }
+    pub(crate) fn into_wire(self) -> (u64, u64, Vec<u8>) {
+        let payload = self.payload().to_vec();
+        (self.id, self.len as u64, payload)
+    }
+    fn payload(&self) -> &[u8] {
+        match &self.buf {
+            LeaseBuf::Shared(_) => &[],
+            LeaseBuf::Local(v) => &v[..self.len],
+        }
+    }
+}
+
+impl std::fmt::Debug for WriteLease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WriteLease")
+            .field("id", &self.id)
+            .field("base_version", &self.base_version)
+            .field("len", &self.len)
+            .field("capacity", &self.capacity)
+            .field("shared", &self.is_shared())
+            .finish()
+    }
+}
+
+/// start_write / start_invalidate: STARTWRITE_OK with a lease, or STARTWRITE_FAIL.
+#[derive(Debug)]
+pub enum StartWriteStatus {
+    /// STARTWRITE_OK.
+    Ok(WriteLease),
+    /// STARTWRITE_FAIL.
+    Fail(Reason),
+}
+
+impl Client {
+    /// Connect to the daemon's socket.
+    pub fn connect(path: impl AsRef<Path>) -> Result<Client, ClientError> {
+        let path = path.as_ref();
+        let s = UnixStream::connect(path).map_err(|source| ClientError::Connect {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Ok(Client {
+            s,
+            socket: path.to_owned(),
+            caches: CacheSet::default(),
+            use_cache: true,
+            verify: true,
+        })
+    }
+
+    /// The daemon's socket.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// Serve reads from the shared-memory cache when the chunk is there (default on).
+    pub fn set_use_cache(&mut self, on: bool) {
+        self.use_cache = on;
+    }
+
+    /// Check the crc32c of every cache hit's bytes (default on). Off, a hit is only
+    /// protected by the sequence lock (never torn) and the entry checksum; a scribbled data
+    /// slot would go unnoticed.
+    pub fn set_verify(&mut self, on: bool) {
+        self.verify = on;
+    }
+
+    /// Send any request header (with a payload) and read the reply header and payload; an
+    /// error reply becomes `Err`.
+    pub fn call<T: serde::Serialize>(
+        &mut self,
+        header: &T,
+        payload: &[u8],
+    ) -> Result<(String, serde_json::Value, Vec<u8>), ClientError> {
+        write_frame(&mut self.s, header, payload).map_err(FrameError::Io)?;
+        let (reply, data): (serde_json::Value, Vec<u8>) = read_frame(&mut self.s)?;
+        let (kind, value) = ops::unwrap_reply(reply)?;
+        Ok((kind, value, data))
+    }
+
+    fn space(
+        &mut self,
+        req: &SpaceRequest,
+        payload: &[u8],
+    ) -> Result<(SpaceReply, Vec<u8>), ClientError> {
+        let env = ops::envelope(req)?;
+        write_frame(&mut self.s, &env, payload).map_err(FrameError::Io)?;
+        let (reply, data): (serde_json::Value, Vec<u8>) = read_frame(&mut self.s)?;
+        Ok((ops::space_reply(reply)?, data))
+    }
+
+    /// Create a space on this host (CREATE_OK / CREATE_EXISTS).
+    pub fn create(
+        &mut self,
+        space: &str,
+        options: SpaceOptions,
+    ) -> Result<CreateStatus, ClientError> {
+        let req = SpaceRequest::Create {
+            space: space.into(),
+            options,
+        };
+        ops::create(self.space(&req, &[])?.0)
+    }
+
+    /// Join a space that exists on `host`.
+    pub fn join(&mut self, space: &str, host: &str) -> Result<JoinStatus, ClientError> {
+        let req = SpaceRequest::Join {
+            space: space.into(),
+            host: host.into(),
+        };
+        ops::join(self.space(&req, &[])?.0)
+    }
+
+    /// Leave a space.
+    pub fn unjoin(&mut self, space: &str) -> Result<UnjoinStatus, ClientError> {
+        self.caches.forget(space);
+        ops::unjoin(
+            self.space(
+                &SpaceRequest::Unjoin {
+                    space: space.into(),
+                },
+                &[],
+            )?
+            .0,
+        )
+    }
+
+    /// The space's hosts.
+    pub fn hosts(&mut self, space: &str) -> Result<HostsStatus, ClientError> {
+        let req = SpaceRequest::Hosts {
+            space: space.into(),
+        };
+        ops::hosts(self.space(&req, &[])?.0)
+    }
+
+    /// A chunk list.
+    pub fn chunks(&mut self, space: &str, list: ChunkList) -> Result<ChunkListStatus, ClientError> {
+        let req = SpaceRequest::Chunks {
+            space: space.into(),
+            list,
+        };
+        ops::chunks(self.space(&req, &[])?.0)
+    }
+
+    /// Where the space's shared-memory cache is.
+    pub fn cache(&mut self, space: &str) -> Result<CacheStatus, ClientError> {
+        let req = SpaceRequest::Cache {
+            space: space.into(),
+        };
+        ops::cache(self.space(&req, &[])?.0)
+    }
+
+    /// Start an allow-listed program on a host of the space, as this process's uid.
+    pub fn spawn(
+        &mut self,
+        space: &str,
+        host: &str,
+        program: &str,
+        args: &[String],
+    ) -> Result<SpawnStatus, ClientError> {
+        let req = SpaceRequest::Spawn {
+            space: space.into(),
+            host: host.into(),
+            program: program.into(),
+            args: args.to_vec(),
+        };
+        ops::spawn(self.space(&req, &[])?.0)
+    }
+
+    /// Read a chunk (from the cache when it is there).
+    pub fn read(&mut self, space: &str, chunk: &str) -> Result<ReadStatus, ClientError> {
+        let mut buf = Vec::new();
+        Ok(match self.read_into(space, chunk, &mut buf)? {
+            ReadInto::Ok {
+                version,
+                from_cache,
+            } => ReadStatus::Ok(Chunk {
+                version,
+                data: buf,
+                from_cache,
+            }),
+            ReadInto::Waiting => ReadStatus::Waiting,
+            ReadInto::Fail(r) => ReadStatus::Fail(r),
+        })
+    }
+
+    /// Read a chunk into `buf` (resized to the chunk), reusing its allocation.
+    pub fn read_into(
+        &mut self,
+        space: &str,
+        chunk: &str,
+        buf: &mut Vec<u8>,
+    ) -> Result<ReadInto, ClientError> {
+        if self.use_cache {
+            if let Some(version) = self.cache_lookup(space, chunk, buf)? {
+                return Ok(ReadInto::Ok {
+                    version,
+                    from_cache: true,
+                });
+            }
+        }
+        let req = SpaceRequest::Read {
+            space: space.into(),
+            chunk: chunk.into(),
+        };
+        let (r, data) = self.space(&req, &[])?;
+        Ok(match ops::read(r, data)? {
+            ReadStatus::Ok(c) => {
+                *buf = c.data;
+                ReadInto::Ok {
+                    version: c.version,
+                    from_cache: false,
+                }
+            }
+            ReadStatus::Waiting => ReadInto::Waiting,
+            ReadStatus::Fail(r) => ReadInto::Fail(r),
+        })
+    }
+
+    /// A cache hit, or `None` (miss, no cache, or a problem the daemon was told about).
+    fn cache_lookup(
+        &mut self,
+        space: &str,
+        chunk: &str,
+        buf: &mut Vec<u8>,
+    ) -> Result<Option<u64>, ClientError> {
+        loop {
+            match self.caches.lookup(space, chunk, buf, self.verify) {
+                Lookup::Hit(v) => return Ok(Some(v)),
+                Lookup::Miss => return Ok(None),
+                Lookup::Open => {
+                    let st = self.cache(space)?;
+                    self.caches.opened(space, st);
+                }
+                Lookup::Repair(what) => {
+                    let report = self.repair(space)?;
+                    ops::report_repair(space, &what, &report);
+                    return Ok(None);
+                }
+            }
+        }
+    }
+
+    /// Forget cache mappings (after the daemon restarted, say).
+    pub fn drop_caches(&mut self) {
+        self.caches.clear();
+    }
+
+    /// Wait until the chunk exists (and, with `after`, has a version newer than it);
+    /// `timeout` bounds the wait (WAIT_FAIL with reason `timeout`).
+    pub fn wait(
+        &mut self,
+        space: &str,
+        chunk: &str,
+        after: Option<u64>,
+        timeout: Option<std::time::Duration>,
+    ) -> Result<WaitStatus, ClientError> {
+        if after.is_none() && self.use_cache {
+            let mut buf = Vec::new();
+            if let Some(version) = self.cache_lookup(space, chunk, &mut buf)? {
+                return Ok(WaitStatus::Ok(Chunk {
+                    version,
+                    data: buf,
+                    from_cache: true,
+                }));
+            }
+        }
+        let req = SpaceRequest::Wait {
+            space: space.into(),
+            chunk: chunk.into(),
+            after,
+            timeout_ms: timeout.map(|d| d.as_millis().min(u64::MAX as u128) as u64),
+        };
+        let (r, data) = self.space(&req, &[])?;
+        ops::wait(r, data)
+    }
+
+    /// Write a chunk through the socket and publish it.
+    pub fn write(
+        &mut self,
+        space: &str,
+        chunk: &str,
+        data: &[u8],
+    ) -> Result<WriteStatus, ClientError> {
+        let req = SpaceRequest::Write {
+            space: space.into(),
+            chunk: chunk.into(),
+        };
+        ops::write(self.space(&req, data)?.0)
+    }
+
+    /// Take the chunk's lease and a buffer. With `wait`, queue behind another holder (up to
+    /// `timeout`) instead of failing `busy`; with `keep`, the buffer starts with the last
+    /// published contents.
+    pub fn start_write(
+        &mut self,
+        space: &str,
+        chunk: &str,
+        wait: bool,
+        timeout: Option<std::time::Duration>,
+        keep: bool,
+    ) -> Result<StartWriteStatus, ClientError> {
+        let req = SpaceRequest::StartWrite {
+            space: space.into(),
+            chunk: chunk.into(),
+            wait,
+            timeout_ms: timeout.map(|d| d.as_millis().min(u64::MAX as u128) as u64),
+            keep,
+        };
+        let (r, _) = self.space(&req, &[])?;
+        match ops::start_write(r)? {
+            Ok(g) => Ok(StartWriteStatus::Ok(self.lease(space, chunk, g, keep)?)),
+            Err(reason) => Ok(StartWriteStatus::Fail(reason)),
+        }
+    }
+
+    fn lease(
+        &mut self,
+        space: &str,
+        chunk: &str,
+        g: Grant,
+        keep: bool,
+    ) -> Result<WriteLease, ClientError> {
+        let mut lease = WriteLease::from_grant(&g)?;
+        if lease.needs_fill(keep) {
+            let req = SpaceRequest::Read {
+                space: space.into(),
+                chunk: chunk.into(),
+            };
+            let (r, data) = self.space(&req, &[])?;
+            lease.fill_local(&r, &data);
+        }
+        Ok(lease)
+    }
+
+    /// Publish the lease's buffer (its first `len()` bytes): WRITE_OK with the new version.
+    pub fn stop_write(&mut self, lease: WriteLease) -> Result<WriteStatus, ClientError> {
+        let (lease, len, payload) = lease.into_wire();
+        let req = SpaceRequest::StopWrite { lease, len };
+        ops::write(self.space(&req, &payload)?.0)
+    }
+
+    /// Give the lease back without publishing.
+    pub fn abort_write(&mut self, lease: WriteLease) -> Result<WriteStatus, ClientError> {
+        let req = SpaceRequest::AbortWrite { lease: lease.id };
+        drop(lease.buf);
+        // WRITE_OK with the version the chunk stays at
+        ops::write(self.space(&req, &[])?.0)
+    }
+
+    /// Invalidate a chunk (seed: WRITE_FAIL = now invalid, WRITE_OK = still valid).
+    pub fn invalidate(
+        &mut self,
+        space: &str,
+        chunk: &str,
+    ) -> Result<InvalidateStatus, ClientError> {
+        let req = SpaceRequest::Invalidate {
+            space: space.into(),
+            chunk: chunk.into(),
+        };
+        ops::invalidate(self.space(&req, &[])?.0)
+    }
+
+    /// Invalidate a chunk and hold its lease (the buffer holds its last contents) until
+    /// [`Client::stop_invalidate`].
+    pub fn start_invalidate(
+        &mut self,
+        space: &str,
+        chunk: &str,
+        wait: bool,
+        timeout: Option<std::time::Duration>,
+    ) -> Result<StartWriteStatus, ClientError> {
+        let req = SpaceRequest::StartInvalidate {
+            space: space.into(),
+            chunk: chunk.into(),
+            wait,
+            timeout_ms: timeout.map(|d| d.as_millis().min(u64::MAX as u128) as u64),
+        };
+        let (r, _) = self.space(&req, &[])?;
+        match ops::start_write(r)? {
+            Ok(g) => Ok(StartWriteStatus::Ok(self.lease(space, chunk, g, false)?)),
+            Err(reason) => Ok(StartWriteStatus::Fail(reason)),
+        }
+    }
+
+    /// Finish a start_invalidate: the chunk stays invalid until it is written again.
+    pub fn stop_invalidate(&mut self, lease: WriteLease) -> Result<InvalidateStatus, ClientError> {
+        let req = SpaceRequest::StopInvalidate { lease: lease.id };
+        drop(lease.buf);
+        ops::invalidate(self.space(&req, &[])?.0)
+    }
+
+    /// Ask the daemon to check and rebuild a space's cache region.
+    pub fn repair(&mut self, space: &str) -> Result<String, ClientError> {
+        self.caches.forget(space);
+        let req = SpaceRequest::Repair {
+            space: space.into(),
+        };
+        ops::repair(self.space(&req, &[])?.0)
+    }
+}

@@ -1,0 +1,156 @@
+//! Frames of the daemon's local API (see `docs/protocol.md`):
+//!
+//! ```text
+//! u32 BE  header length  (<= 1 MiB)
+//! bytes   header: JSON
+//! u64 BE  payload length (<= 256 MiB; 0 when there is none)
+//! bytes   payload: raw bytes (components, chunk data), never re-encoded
+//! ```
+
+use serde::{Deserialize, Serialize};
+use std::io::{Read, Write};
+
+/// Largest header accepted.
+pub const MAX_HEADER: u32 = 1 << 20;
+/// Largest payload accepted.
+pub const MAX_PAYLOAD: u64 = 256 << 20;
+
+/// Frame errors.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum FrameError {
+    /// The peer closed the connection between frames.
+    #[error("connection closed")]
+    Closed,
+    /// I/O failed mid-frame.
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+    /// Header or payload over its limit.
+    #[error("{what} of {size} bytes is over the limit of {limit}")]
+    TooLarge {
+        /// header or payload
+        what: &'static str,
+        /// Size announced.
+        size: u64,
+        /// Limit.
+        limit: u64,
+    },
+    /// The header is not valid JSON of the expected shape.
+    #[error("bad header: {0}")]
+    BadHeader(String),
+}
+
+/// The frame head (lengths and header) for `header` and a payload of `payload_len` bytes.
+pub fn head<T: Serialize>(header: &T, payload_len: usize) -> std::io::Result<Vec<u8>> {
+    let h = serde_json::to_vec(header).map_err(std::io::Error::other)?;
+    if h.len() > MAX_HEADER as usize || payload_len as u64 > MAX_PAYLOAD {
+        return Err(std::io::Error::other("frame over the protocol's limits"));
+    }
+    let mut out = Vec::with_capacity(12 + h.len());
+    out.extend_from_slice(&(h.len() as u32).to_be_bytes());
+    out.extend_from_slice(&h);
+    out.extend_from_slice(&(payload_len as u64).to_be_bytes());
+    Ok(out)
+}
+
+/// Encode one frame.
+pub fn encode<T: Serialize>(header: &T, payload: &[u8]) -> std::io::Result<Vec<u8>> {
+    let mut out = head(header, payload.len())?;
+    out.extend_from_slice(payload);
+    Ok(out)
+}
+
+/// Write one frame (blocking).
+pub fn write_frame<T: Serialize>(
+    w: &mut impl Write,
+    header: &T,
+    payload: &[u8],
+) -> std::io::Result<()> {
+    w.write_all(&head(header, payload.len())?)?;
+    w.write_all(payload)?;
+    w.flush()
+}
+
+/// The header length announced by a frame's first 4 bytes, checked against its limit.
+pub fn header_len(bytes: [u8; 4]) -> Result<usize, FrameError> {
+    let len = u32::from_be_bytes(bytes);
+    if len > MAX_HEADER {
+        return Err(FrameError::TooLarge {
+            what: "header",
+            size: len as u64,
+            limit: MAX_HEADER as u64,
+        });
+    }
+    Ok(len as usize)
+}
+
+/// The payload length announced after the header, checked against its limit.
+pub fn payload_len(bytes: [u8; 8]) -> Result<usize, FrameError> {
+    let len = u64::from_be_bytes(bytes);
+    if len > MAX_PAYLOAD {
+        return Err(FrameError::TooLarge {
+            what: "payload",
+            size: len,
+            limit: MAX_PAYLOAD,
+        });
+    }
+    Ok(len as usize)
+}
+
+/// Parse a frame's JSON header.
+pub fn decode_header<T: for<'de> Deserialize<'de>>(h: &[u8]) -> Result<T, FrameError> {
+    serde_json::from_slice(h).map_err(|e| FrameError::BadHeader(e.to_string()))
+}
+
+/// Read one frame (blocking).
+pub fn read_frame<T: for<'de> Deserialize<'de>>(
+    r: &mut impl Read,
+) -> Result<(T, Vec<u8>), FrameError> {
+    let mut len = [0u8; 4];
+    match r.read_exact(&mut len) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Err(FrameError::Closed),
+        Err(e) => return Err(e.into()),
+    }
+    let mut h = vec![0u8; header_len(len)?];
+    r.read_exact(&mut h)?;
+    let mut plen = [0u8; 8];
+    r.read_exact(&mut plen)?;
+    let mut p = vec![0u8; payload_len(plen)?];
+    r.read_exact(&mut p)?;
+    Ok((decode_header(&h)?, p))
+}
+
+/// Read one frame (async).
+#[cfg(feature = "tokio")]
+pub async fn read_frame_async<T: for<'de> Deserialize<'de>>(
+    r: &mut (impl tokio::io::AsyncRead + Unpin),
+) -> Result<(T, Vec<u8>), FrameError> {
+    use tokio::io::AsyncReadExt;
+    let mut len = [0u8; 4];
+    match r.read_exact(&mut len).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Err(FrameError::Closed),
+        Err(e) => return Err(e.into()),
+    }
+    let mut h = vec![0u8; header_len(len)?];
+    r.read_exact(&mut h).await?;
+    let mut plen = [0u8; 8];
+    r.read_exact(&mut plen).await?;
+    let mut p = vec![0u8; payload_len(plen)?];
+    r.read_exact(&mut p).await?;
+    Ok((decode_header(&h)?, p))
+}
+
+/// Write one frame (async): head and payload without copying the payload.
+#[cfg(feature = "tokio")]
+pub async fn write_frame_async<T: Serialize>(
+    w: &mut (impl tokio::io::AsyncWrite + Unpin),
+    header: &T,
+    payload: &[u8],
+) -> std::io::Result<()> {
+    use tokio::io::AsyncWriteExt;
+    w.write_all(&head(header, payload.len())?).await?;
+    w.write_all(payload).await?;
+    w.flush().await
+}

@@ -1,0 +1,348 @@
+//! What both clients share: errors, the request/reply envelope, and turning a space reply
+//! into the operation's typed result.
+
+use crate::frame::FrameError;
+use crate::proto::*;
+use crate::shm::{CacheError, Reader};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+
+/// The daemon refused a request (not a seed status: a malformed request, a privilege check,
+/// an internal failure). Nothing changed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{message}")]
+pub struct ApiError {
+    /// Machine-readable kind (`protocol`, `permission`, `slot`, ...).
+    pub kind: String,
+    /// Whose fault (`caller`, `host`, `plugin`).
+    pub fault: String,
+    /// For people.
+    pub message: String,
+    /// An errno, where there is one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub errno: Option<i32>,
+}
+
+/// Client errors: the request did not get a seed status back.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    /// The daemon could not be reached.
+    #[error("cannot reach stratad at {path}: {source}")]
+    Connect {
+        /// Socket path.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The connection failed mid-request.
+    #[error("connection to stratad failed: {0}")]
+    Frame(#[from] FrameError),
+    /// The daemon refused the request.
+    #[error("{0}")]
+    Api(ApiError),
+    /// The daemon answered something this client does not understand.
+    #[error("protocol: {0}")]
+    Protocol(String),
+    /// Using a lease buffer failed.
+    #[error("lease buffer: {0}")]
+    Lease(String),
+}
+
+/// A space request as it goes on the wire: `{"op":"space", "call": ..., ...}`.
+pub(crate) fn envelope(req: &SpaceRequest) -> Result<serde_json::Value, ClientError> {
+    let mut v = serde_json::to_value(req).map_err(|e| ClientError::Protocol(e.to_string()))?;
+    match v.as_object_mut() {
+        Some(m) => {
+            m.insert("op".into(), "space".into());
+            Ok(v)
+        }
+        None => Err(ClientError::Protocol("request is not an object".into())),
+    }
+}
+
+/// A reply header: `{"reply": "<kind>", "value": ...}`; an error reply becomes `Err`.
+pub(crate) fn unwrap_reply(
+    v: serde_json::Value,
+) -> Result<(String, serde_json::Value), ClientError> {
+    let serde_json::Value::Object(mut m) = v else {
+        return Err(ClientError::Protocol("reply is not an object".into()));
+    };
+    let kind = match m.remove("reply") {
+        Some(serde_json::Value::String(s)) => s,
+        _ => return Err(ClientError::Protocol("reply without a kind".into())),
+    };
+    let value = m.remove("value").unwrap_or(serde_json::Value::Null);
+    if kind == "error" {
+        let e: ApiError = serde_json::from_value(value)
+            .map_err(|e| ClientError::Protocol(format!("error reply: {e}")))?;
+        return Err(ClientError::Api(e));
+    }
+    Ok((kind, value))
+}
+
+/// The space reply in a reply header.
+pub(crate) fn space_reply(v: serde_json::Value) -> Result<SpaceReply, ClientError> {
+    let (kind, value) = unwrap_reply(v)?;
+    if kind != "space" {
+        return Err(ClientError::Protocol(format!(
+            "expected a space reply, got {kind:?}"
+        )));
+    }
+    serde_json::from_value(value).map_err(|e| ClientError::Protocol(format!("space reply: {e}")))
+}
+
+fn other(r: &SpaceReply) -> ClientError {
+    ClientError::Protocol(unexpected(r))
+}
+
+pub(crate) fn create(r: SpaceReply) -> Result<CreateStatus, ClientError> {
+    match r {
+        SpaceReply::CreateOk => Ok(CreateStatus::Ok),
+        SpaceReply::CreateExists => Ok(CreateStatus::Exists),
+        r => Err(other(&r)),
+    }
+}
+
+pub(crate) fn join(r: SpaceReply) -> Result<JoinStatus, ClientError> {
+    match r {
+        SpaceReply::JoinOk => Ok(JoinStatus::Ok),
+        SpaceReply::JoinExists => Ok(JoinStatus::Exists),
+        SpaceReply::JoinFail { reason } => Ok(JoinStatus::Fail(reason)),
+        r => Err(other(&r)),
+    }
+}
+
+pub(crate) fn unjoin(r: SpaceReply) -> Result<UnjoinStatus, ClientError> {
+    match r {
+        SpaceReply::UnjoinOk => Ok(UnjoinStatus::Ok),
+        SpaceReply::UnjoinNoExist => Ok(UnjoinStatus::NoExist),
+        r => Err(other(&r)),
+    }
+}
+
+pub(crate) fn hosts(r: SpaceReply) -> Result<HostsStatus, ClientError> {
+    match r {
+        SpaceReply::HostsOk { hosts } => Ok(HostsStatus::Ok(hosts)),
+        SpaceReply::HostsNoExist => Ok(HostsStatus::NoExist),
+        r => Err(other(&r)),
+    }
+}
+
+pub(crate) fn chunks(r: SpaceReply) -> Result<ChunkListStatus, ClientError> {
+    match r {
+        SpaceReply::ChunksOk { entries } => Ok(ChunkListStatus::Ok(entries)),
+        SpaceReply::ChunksFail { reason } => Ok(ChunkListStatus::Fail(reason)),
+        r => Err(other(&r)),
+    }
+}
+
+pub(crate) fn cache(r: SpaceReply) -> Result<CacheStatus, ClientError> {
+    match r {
+        SpaceReply::CacheOk { path, size } => Ok(CacheStatus::Ok { path, size }),
+        SpaceReply::CacheFail { reason } => Ok(CacheStatus::Fail(reason)),
+        r => Err(other(&r)),
+    }
+}
+
+pub(crate) fn spawn(r: SpaceReply) -> Result<SpawnStatus, ClientError> {
+    match r {
+        SpaceReply::SpawnOk { pid } => Ok(SpawnStatus::Ok(pid)),
+        SpaceReply::SpawnNoSpace => Ok(SpawnStatus::NoSpace),
+        SpaceReply::SpawnNoHost => Ok(SpawnStatus::NoHost),
+        SpaceReply::SpawnFail { errno, reason } => Ok(SpawnStatus::Fail { errno, reason }),
+        r => Err(other(&r)),
+    }
+}
+
+pub(crate) fn read(r: SpaceReply, data: Vec<u8>) -> Result<ReadStatus, ClientError> {
+    match r {
+        SpaceReply::ReadOk { version } => Ok(ReadStatus::Ok(Chunk {
+            version,
+            data,
+            from_cache: false,
+        })),
+        SpaceReply::ReadWaiting => Ok(ReadStatus::Waiting),
+        SpaceReply::ReadFail { reason } => Ok(ReadStatus::Fail(reason)),
+        r => Err(other(&r)),
+    }
+}
+
+pub(crate) fn wait(r: SpaceReply, data: Vec<u8>) -> Result<WaitStatus, ClientError> {
+    match r {
+        SpaceReply::WaitOk { version } => Ok(WaitStatus::Ok(Chunk {
+            version,
+            data,
+            from_cache: false,
+        })),
+        SpaceReply::WaitFail { reason } => Ok(WaitStatus::Fail(reason)),
+        r => Err(other(&r)),
+    }
+}
+
+pub(crate) fn write(r: SpaceReply) -> Result<WriteStatus, ClientError> {
+    match r {
+        SpaceReply::WriteOk {
+            version,
+            reason: None,
+        } => Ok(WriteStatus::Ok(version)),
+        SpaceReply::WriteFail {
+            reason: Some(reason),
+        } => Ok(WriteStatus::Fail(reason)),
+        r => Err(other(&r)),
+    }
+}
+
+pub(crate) fn invalidate(r: SpaceReply) -> Result<InvalidateStatus, ClientError> {
+    match r {
+        SpaceReply::WriteFail { reason: None } => Ok(InvalidateStatus::Invalidated),
+        SpaceReply::WriteOk {
+            version,
+            reason: Some(reason),
+        } => Ok(InvalidateStatus::StillValid { version, reason }),
+        r => Err(other(&r)),
+    }
+}
+
+/// STARTWRITE_OK's fields.
+pub(crate) struct Grant {
+    pub lease: u64,
+    pub version: u64,
+    pub len: u64,
+    pub path: String,
+    pub offset: u64,
+    pub capacity: u64,
+}
+
+pub(crate) fn start_write(r: SpaceReply) -> Result<Result<Grant, Reason>, ClientError> {
+    match r {
+        SpaceReply::StartWriteOk {
+            lease,
+            version,
+            len,
+            path,
+            offset,
+            capacity,
+        } => Ok(Ok(Grant {
+            lease,
+            version,
+            len,
+            path,
+            offset,
+            capacity,
+        })),
+        SpaceReply::StartWriteFail { reason } => Ok(Err(reason)),
+        r => Err(other(&r)),
+    }
+}
+
+pub(crate) fn repair(r: SpaceReply) -> Result<String, ClientError> {
+    match r {
+        SpaceReply::RepairOk { report } => Ok(report),
+        r => Err(other(&r)),
+    }
+}
+
+/// The cache regions a client has mapped, by space.
+#[derive(Default)]
+pub(crate) struct CacheSet {
+    spaces: HashMap<String, Option<Reader>>,
+}
+
+/// What a cache lookup found, and what the client must do next.
+pub(crate) enum Lookup {
+    /// A hit at this version (the buffer holds it).
+    Hit(u64),
+    /// Ask the daemon.
+    Miss,
+    /// Ask the daemon where the cache is (GETCHUNKCACHE), pass the answer to `opened`, and
+    /// look up again.
+    Open,
+    /// The region is corrupted: ask the daemon to repair it, then read through it.
+    Repair(String),
+}
+
+impl CacheSet {
+    pub(crate) fn lookup(
+        &mut self,
+        space: &str,
+        chunk: &str,
+        buf: &mut Vec<u8>,
+        verify: bool,
+    ) -> Lookup {
+        let Some(slot) = self.spaces.get(space) else {
+            return Lookup::Open;
+        };
+        let Some(reader) = slot else {
+            return Lookup::Miss;
+        };
+        match reader.lookup_into(chunk, buf, verify) {
+            Ok(Some(v)) => Lookup::Hit(v),
+            Ok(None) => Lookup::Miss,
+            Err(CacheError::Retired) => {
+                // the daemon replaced the region (restart, repair): map the current one
+                self.spaces.remove(space);
+                Lookup::Open
+            }
+            Err(CacheError::Corrupted(what)) => {
+                self.spaces.remove(space);
+                Lookup::Repair(what)
+            }
+            Err(_) => {
+                self.spaces.insert(space.to_owned(), None);
+                Lookup::Miss
+            }
+        }
+    }
+
+    /// Record GETCHUNKCACHE's answer: a mapped region, or none (read through the daemon).
+    pub(crate) fn opened(&mut self, space: &str, st: CacheStatus) {
+        let reader = match st {
+            CacheStatus::Ok { path, .. } => Reader::open(std::path::Path::new(&path)).ok(),
+            CacheStatus::Fail(_) => None,
+        };
+        self.spaces.insert(space.to_owned(), reader);
+    }
+
+    pub(crate) fn forget(&mut self, space: &str) {
+        self.spaces.remove(space);
+    }
+
+    pub(crate) fn clear(&mut self) {
+        self.spaces.clear();
+    }
+}
+
+/// Tell the user that a corrupted region was found and what the daemon did.
+pub(crate) fn report_repair(space: &str, what: &str, report: &str) {
+    eprintln!(
+        "strata-client: chunk cache of space {space} was corrupted ({what}); the daemon repaired it: {report}"
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn envelope_and_replies() {
+        let v = envelope(&SpaceRequest::Hosts { space: "s".into() }).unwrap();
+        assert_eq!(v["op"], "space");
+        assert_eq!(v["call"], "hosts");
+        let r = space_reply(
+            serde_json::json!({"reply":"space","value":{"status":"SPACEGETHOSTS_NOEXIST"}}),
+        )
+        .unwrap();
+        assert_eq!(hosts(r).unwrap(), HostsStatus::NoExist);
+        let e = space_reply(serde_json::json!({"reply":"error","value":{"kind":"protocol","fault":"caller","message":"no"}}))
+            .unwrap_err();
+        assert!(matches!(e, ClientError::Api(ApiError { ref kind, .. }) if kind == "protocol"));
+        // a reply for another operation is a protocol error, not a wrong status
+        assert!(create(SpaceReply::HostsNoExist).is_err());
+        assert_eq!(
+            invalidate(SpaceReply::WriteFail { reason: None }).unwrap(),
+            InvalidateStatus::Invalidated
+        );
+        assert!(write(SpaceReply::WriteFail { reason: None }).is_err());
+    }
+}

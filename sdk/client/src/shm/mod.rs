@@ -1,0 +1,685 @@
+//! The shared-memory chunk cache: one file per space under `/dev/shm`, written by the
+//! daemon, read by local clients without a round trip (format in `docs/spaces.md`).
+//!
+//! All integers are little-endian.
+//!
+//! ```text
+//! header (4096 bytes)
+//!   0  magic "STRATSHM"          8  format u32 (= 1)     12 header crc32c u32 (of 16..64)
+//!   16 slot_size u64             24 slot_count u32       28 index_entries u32
+//!   32 index_offset u64          40 data_offset u64      48 generation u64
+//!   64 state u64 (1 live, 2 retired: the daemon replaced or dropped the region)
+//! index: index_entries x 384-byte entries, an open-addressing hash table on
+//!        FNV-1a-64(name) % index_entries with linear probing
+//!   0  seq u64 (sequence lock: odd while the daemon changes the entry)
+//!   8  state u32 (0 empty, 1 live, 2 removed)   12 name_len u32   16 name [255]
+//!   272 version u64   280 slot u32   284 data crc32c u32   288 len u64
+//!   296 entry crc32c u32 (of bytes 8..296)
+//! data: slot_count x slot_size bytes at data_offset (page aligned)
+//! ```
+//!
+//! A reader loads `seq` (retries while odd), copies the entry, copies the slot's bytes,
+//! then loads `seq` again: unchanged means nothing it copied was being written (the daemon
+//! bumps the entry's `seq` before a slot it pointed to can be reused), so a torn chunk is
+//! never returned. The entry crc catches a corrupted index; the data crc (optional on the
+//! hit path, see [`Reader::lookup_into`]) a corrupted slot.
+
+pub mod raw;
+
+use raw::Mapping;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{fence, Ordering};
+
+/// "STRATSHM".
+pub const MAGIC: &[u8; 8] = b"STRATSHM";
+/// Format version.
+pub const FORMAT: u32 = 1;
+/// Header bytes.
+pub const HEADER_SIZE: u64 = 4096;
+/// Index entry bytes.
+pub const ENTRY_SIZE: u64 = 384;
+const STATE_OFF: usize = 64;
+const LIVE: u64 = 1;
+const RETIRED: u64 = 2;
+const E_EMPTY: u32 = 0;
+const E_LIVE: u32 = 1;
+const E_REMOVED: u32 = 2;
+/// Bytes 8..300 of an entry: everything but the sequence word and padding.
+const E_BODY: usize = 292;
+
+/// Region geometry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Geometry {
+    /// Bytes per slot (a multiple of 4096).
+    pub slot_size: u64,
+    /// Number of slots.
+    pub slot_count: u32,
+    /// Number of index entries.
+    pub index_entries: u32,
+}
+
+impl Geometry {
+    /// The geometry for `slot_count` slots of `slot_size` (index twice the slot count).
+    pub fn new(slot_size: u64, slot_count: u32) -> Geometry {
+        Geometry {
+            slot_size,
+            slot_count,
+            index_entries: slot_count.saturating_mul(2).max(8),
+        }
+    }
+    /// Offset of the index.
+    pub fn index_offset(&self) -> u64 {
+        HEADER_SIZE
+    }
+    /// Offset of the first slot.
+    pub fn data_offset(&self) -> u64 {
+        (HEADER_SIZE + self.index_entries as u64 * ENTRY_SIZE).div_ceil(4096) * 4096
+    }
+    /// File size.
+    pub fn file_size(&self) -> u64 {
+        self.data_offset() + self.slot_count as u64 * self.slot_size
+    }
+    /// Offset of a slot.
+    pub fn slot_offset(&self, slot: u32) -> u64 {
+        self.data_offset() + slot as u64 * self.slot_size
+    }
+    fn entry_offset(&self, i: u32) -> usize {
+        (self.index_offset() + i as u64 * ENTRY_SIZE) as usize
+    }
+}
+
+/// FNV-1a 64 of a chunk name: where its probe sequence starts.
+pub fn name_hash(name: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in name.bytes() {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+/// What an index entry says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EntryValue {
+    /// Chunk name.
+    pub name: String,
+    /// Published version.
+    pub version: u64,
+    /// Slot holding the data.
+    pub slot: u32,
+    /// Bytes.
+    pub len: u64,
+    /// crc32c of the data.
+    pub crc: u32,
+}
+
+fn encode_entry(state: u32, v: Option<&EntryValue>) -> [u8; E_BODY] {
+    let mut b = [0u8; E_BODY];
+    b[0..4].copy_from_slice(&state.to_le_bytes());
+    if let Some(v) = v {
+        let n = v.name.as_bytes();
+        let n = &n[..n.len().min(255)];
+        b[4..8].copy_from_slice(&(n.len() as u32).to_le_bytes());
+        b[8..8 + n.len()].copy_from_slice(n);
+        b[264..272].copy_from_slice(&v.version.to_le_bytes());
+        b[272..276].copy_from_slice(&v.slot.to_le_bytes());
+        b[276..280].copy_from_slice(&v.crc.to_le_bytes());
+        b[280..288].copy_from_slice(&v.len.to_le_bytes());
+    }
+    let crc = crc32c::crc32c(&b[..288]);
+    b[288..292].copy_from_slice(&crc.to_le_bytes());
+    b
+}
+
+fn u32_at(b: &[u8], o: usize) -> u32 {
+    u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]])
+}
+fn u64_at(b: &[u8], o: usize) -> u64 {
+    let mut x = [0u8; 8];
+    x.copy_from_slice(&b[o..o + 8]);
+    u64::from_le_bytes(x)
+}
+
+enum Decoded<'a> {
+    Empty,
+    Removed,
+    Live {
+        name: &'a [u8],
+        version: u64,
+        slot: u32,
+        crc: u32,
+        len: u64,
+    },
+}
+
+fn decode_entry(b: &[u8; E_BODY]) -> Result<Decoded<'_>, CacheError> {
+    // a fresh (all-zero) entry is empty; at worst a zeroed entry costs a miss
+    if b.iter().all(|&x| x == 0) {
+        return Ok(Decoded::Empty);
+    }
+    if crc32c::crc32c(&b[..288]) != u32_at(b, 288) {
+        return Err(CacheError::Corrupted(
+            "index entry checksum mismatch".into(),
+        ));
+    }
+    match u32_at(b, 0) {
+        E_EMPTY => Ok(Decoded::Empty),
+        E_REMOVED => Ok(Decoded::Removed),
+        E_LIVE => {
+            let nl = u32_at(b, 4) as usize;
+            if nl == 0 || nl > 255 {
+                return Err(CacheError::Corrupted("index entry name length".into()));
+            }
+            Ok(Decoded::Live {
+                name: &b[8..8 + nl],
+                version: u64_at(b, 264),
+                slot: u32_at(b, 272),
+                crc: u32_at(b, 276),
+                len: u64_at(b, 280),
+            })
+        }
+        s => Err(CacheError::Corrupted(format!("index entry state {s}"))),
+    }
+}
+
+fn encode_header(geo: &Geometry, generation: u64) -> [u8; 64] {
+    let mut h = [0u8; 64];
+    h[0..8].copy_from_slice(MAGIC);
+    h[8..12].copy_from_slice(&FORMAT.to_le_bytes());
+    h[16..24].copy_from_slice(&geo.slot_size.to_le_bytes());
+    h[24..28].copy_from_slice(&geo.slot_count.to_le_bytes());
+    h[28..32].copy_from_slice(&geo.index_entries.to_le_bytes());
+    h[32..40].copy_from_slice(&geo.index_offset().to_le_bytes());
+    h[40..48].copy_from_slice(&geo.data_offset().to_le_bytes());
+    h[48..56].copy_from_slice(&generation.to_le_bytes());
+    let crc = crc32c::crc32c(&h[16..64]);
+    h[12..16].copy_from_slice(&crc.to_le_bytes());
+    h
+}
+
+fn decode_header(h: &[u8; 64], file_len: u64) -> Result<(Geometry, u64), CacheError> {
+    let bad = |m: &str| Err(CacheError::Corrupted(format!("region header: {m}")));
+    if &h[0..8] != MAGIC {
+        return bad("bad magic");
+    }
+    if u32_at(h, 8) != FORMAT {
+        return bad(&format!(
+            "format {} (this client reads {FORMAT})",
+            u32_at(h, 8)
+        ));
+    }
+    if crc32c::crc32c(&h[16..64]) != u32_at(h, 12) {
+        return bad("checksum mismatch");
+    }
+    let geo = Geometry {
+        slot_size: u64_at(h, 16),
+        slot_count: u32_at(h, 24),
+        index_entries: u32_at(h, 28),
+    };
+    if geo.slot_size == 0
+        || !geo.slot_size.is_multiple_of(4096)
+        || geo.index_entries == 0
+        || u64_at(h, 32) != geo.index_offset()
+        || u64_at(h, 40) != geo.data_offset()
+        || geo
+            .slot_size
+            .checked_mul(geo.slot_count as u64)
+            .and_then(|d| d.checked_add(geo.data_offset()))
+            != Some(file_len)
+    {
+        return bad("geometry does not match the file");
+    }
+    Ok((geo, u64_at(h, 48)))
+}
+
+/// Errors reading the cache.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CacheError {
+    /// The region file could not be opened or mapped.
+    #[error("cannot map {path}: {source}")]
+    Io {
+        /// Region path.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The daemon replaced or dropped this region: open the current one.
+    #[error("the cache region was retired by the daemon")]
+    Retired,
+    /// Something in the region does not check out.
+    #[error("corrupted chunk cache: {0}")]
+    Corrupted(String),
+}
+
+/// A hit's version.
+pub type Version = u64;
+
+/// A client's read-only view of a space's region.
+pub struct Reader {
+    map: Mapping,
+    geo: Geometry,
+    generation: u64,
+    path: PathBuf,
+}
+
+const SEQ_TRIES: u32 = 64;
+
+impl Reader {
+    /// Map the region at `path` read-only and check its header.
+    pub fn open(path: &Path) -> Result<Reader, CacheError> {
+        let io = |source| CacheError::Io {
+            path: path.display().to_string(),
+            source,
+        };
+        let file = File::open(path).map_err(io)?;
+        let map = Mapping::read_only(&file).map_err(io)?;
+        let mut h = [0u8; 64];
+        if !map.read(0, &mut h) {
+            return Err(CacheError::Corrupted(
+                "region shorter than its header".into(),
+            ));
+        }
+        let (geo, generation) = decode_header(&h, map.len() as u64)?;
+        let r = Reader {
+            map,
+            geo,
+            generation,
+            path: path.to_owned(),
+        };
+        r.check_live()?;
+        Ok(r)
+    }
+
+    /// The region's geometry.
+    pub fn geometry(&self) -> Geometry {
+        self.geo
+    }
+    /// The region's generation (new each time the daemon creates the region).
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+    /// The region file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn check_live(&self) -> Result<(), CacheError> {
+        match self.map.load_u64(STATE_OFF) {
+            Some(LIVE) => Ok(()),
+            Some(RETIRED) => Err(CacheError::Retired),
+            _ => Err(CacheError::Corrupted("region state word".into())),
+        }
+    }
+
+    /// Look `name` up; on a hit copy its bytes into `buf` (resized to the chunk's length)
+    /// and return the version. `Ok(None)` is a miss (not cached, or the daemon kept
+    /// changing it): ask the daemon. With `verify_data` the bytes' crc32c is checked too
+    /// (costs a pass over the data; the entry checksum and the sequence lock are always
+    /// checked).
+    pub fn lookup_into(
+        &self,
+        name: &str,
+        buf: &mut Vec<u8>,
+        verify_data: bool,
+    ) -> Result<Option<Version>, CacheError> {
+        self.check_live()?;
+        let n = self.geo.index_entries;
+        let start = (name_hash(name) % n as u64) as u32;
+        let mut body = [0u8; E_BODY];
+        for probe in 0..n {
+            let i = (start + probe) % n;
+            let off = self.geo.entry_offset(i);
+            let mut tries = 0;
+            loop {
+                tries += 1;
+                if tries > SEQ_TRIES {
+                    return Ok(None);
+                }
+                let s1 = self
+                    .map
+                    .load_u64(off)
+                    .ok_or_else(|| CacheError::Corrupted("index outside the region".into()))?;
+                if s1 & 1 == 1 {
+                    std::hint::spin_loop();
+                    continue;
+                }
+                if !self.map.read(off + 8, &mut body) {
+                    return Err(CacheError::Corrupted("index outside the region".into()));
+                }
+                fence(Ordering::Acquire);
+                if self.map.load_u64_relaxed(off) != Some(s1) {
+                    continue;
+                }
+                let (version, slot, crc, len) = match decode_entry(&body)? {
+                    Decoded::Empty => return Ok(None),
+                    Decoded::Removed => break,
+                    Decoded::Live {
+                        name: en,
+                        version,
+                        slot,
+                        crc,
+                        len,
+                    } => {
+                        if en != name.as_bytes() {
+                            break;
+                        }
+                        (version, slot, crc, len)
+                    }
+                };
+                if slot >= self.geo.slot_count || len > self.geo.slot_size {
+                    return Err(CacheError::Corrupted(format!(
+                        "entry of {name} points outside the data area"
+                    )));
+                }
+                let len = len as usize;
+                if buf.len() != len {
+                    buf.resize(len, 0);
+                }
+                if !self
+                    .map
+                    .read(self.geo.slot_offset(slot) as usize, &mut buf[..len])
+                {
+                    return Err(CacheError::Corrupted("slot outside the region".into()));
+                }
+                fence(Ordering::Acquire);
+                if self.map.load_u64_relaxed(off) != Some(s1) {
+                    continue;
+                }
+                self.check_live()?;
+                if verify_data && crc32c::crc32c(&buf[..len]) != crc {
+                    return Err(CacheError::Corrupted(format!(
+                        "data of {name} v{version} does not match its checksum"
+                    )));
+                }
+                return Ok(Some(version));
+            }
+        }
+        Ok(None)
+    }
+}
+
+/// The daemon's read-write view of a region: it alone writes the header and the index.
+pub struct Region {
+    map: Mapping,
+    geo: Geometry,
+    generation: u64,
+    path: PathBuf,
+}
+
+/// Who owns a new region file, and its mode.
+#[derive(Debug, Clone, Copy)]
+pub struct Access {
+    /// Owner uid (`None`: the daemon's).
+    pub uid: Option<u32>,
+    /// Group.
+    pub gid: Option<u32>,
+    /// Mode bits (read bits let clients map it; write bits let lease holders map slots).
+    pub mode: u32,
+}
+
+impl Region {
+    /// Create the region file (retiring and replacing one left at `path`), sized and laid
+    /// out for `geo`, with an empty index.
+    pub fn create(
+        path: &Path,
+        geo: Geometry,
+        generation: u64,
+        access: Access,
+    ) -> std::io::Result<Region> {
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        if geo.slot_size == 0 || !geo.slot_size.is_multiple_of(4096) || geo.slot_count == 0 {
+            return Err(std::io::Error::other(
+                "slot size must be a positive multiple of 4096 and slots at least 1",
+            ));
+        }
+        retire_file(path);
+        let _ = std::fs::remove_file(path);
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)?;
+        file.set_len(geo.file_size())?;
+        std::os::unix::fs::fchown(&file, access.uid, access.gid)?;
+        file.set_permissions(std::fs::Permissions::from_mode(access.mode & 0o666))?;
+        let map = Mapping::read_write(&file, None)?;
+        let r = Region {
+            map,
+            geo,
+            generation,
+            path: path.to_owned(),
+        };
+        r.write_header();
+        Ok(r)
+    }
+
+    /// Geometry.
+    pub fn geometry(&self) -> Geometry {
+        self.geo
+    }
+    /// Path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// (Re)write the header and mark the region live.
+    pub fn write_header(&self) {
+        self.map
+            .write(0, &encode_header(&self.geo, self.generation));
+        self.map.store_u64(STATE_OFF, LIVE, Ordering::Release);
+    }
+
+    /// Whether the header is intact.
+    pub fn header_ok(&self) -> bool {
+        let mut h = [0u8; 64];
+        self.map.read(0, &mut h)
+            && decode_header(&h, self.map.len() as u64).is_ok()
+            && self.map.load_u64(STATE_OFF) == Some(LIVE)
+    }
+
+    fn put_entry(&self, i: u32, body: &[u8; E_BODY]) {
+        let off = self.geo.entry_offset(i);
+        let s = self.map.load_u64(off).unwrap_or(0);
+        // odd while the body changes: readers retry; the fence keeps the body's bytes from
+        // becoming visible before the odd value
+        let odd = if s.is_multiple_of(2) {
+            s.wrapping_add(1)
+        } else {
+            s.wrapping_add(2)
+        };
+        self.map.store_u64(off, odd, Ordering::Relaxed);
+        fence(Ordering::Release);
+        self.map.write(off + 8, body);
+        self.map
+            .store_u64(off, odd.wrapping_add(1), Ordering::Release);
+    }
+
+    /// Point entry `i` at a chunk's data.
+    pub fn set_entry(&self, i: u32, v: &EntryValue) {
+        self.put_entry(i, &encode_entry(E_LIVE, Some(v)));
+    }
+
+    /// Mark entry `i` removed (`tombstone`) or empty.
+    pub fn clear_entry(&self, i: u32, tombstone: bool) {
+        self.put_entry(
+            i,
+            &encode_entry(if tombstone { E_REMOVED } else { E_EMPTY }, None),
+        );
+    }
+
+    /// Whether entry `i` holds exactly `want` (`None`: removed or empty).
+    pub fn entry_is(&self, i: u32, want: Option<&EntryValue>) -> bool {
+        let mut body = [0u8; E_BODY];
+        if !self.map.read(self.geo.entry_offset(i) + 8, &mut body) {
+            return false;
+        }
+        match (decode_entry(&body), want) {
+            (Ok(Decoded::Empty | Decoded::Removed), None) => true,
+            (
+                Ok(Decoded::Live {
+                    name,
+                    version,
+                    slot,
+                    crc,
+                    len,
+                }),
+                Some(w),
+            ) => {
+                name == w.name.as_bytes()
+                    && version == w.version
+                    && slot == w.slot
+                    && crc == w.crc
+                    && len == w.len
+            }
+            _ => false,
+        }
+    }
+
+    /// Copy `data` into `slot` at `at`.
+    pub fn write_slot(&self, slot: u32, at: u64, data: &[u8]) -> bool {
+        slot < self.geo.slot_count
+            && at + data.len() as u64 <= self.geo.slot_size
+            && self
+                .map
+                .write((self.geo.slot_offset(slot) + at) as usize, data)
+    }
+
+    /// Copy the first `len` bytes of `slot` into `out`.
+    pub fn read_slot(&self, slot: u32, len: u64, out: &mut Vec<u8>) -> bool {
+        if slot >= self.geo.slot_count || len > self.geo.slot_size {
+            return false;
+        }
+        out.resize(len as usize, 0);
+        self.map.read(self.geo.slot_offset(slot) as usize, out)
+    }
+
+    /// Copy `len` bytes from one slot to another.
+    pub fn copy_slot(&self, from: u32, to: u32, len: u64) -> bool {
+        from < self.geo.slot_count
+            && to < self.geo.slot_count
+            && len <= self.geo.slot_size
+            && self.map.copy_within(
+                self.geo.slot_offset(from) as usize,
+                self.geo.slot_offset(to) as usize,
+                len as usize,
+            )
+    }
+
+    /// crc32c of the first `len` bytes of `slot`.
+    pub fn slot_crc(&self, slot: u32, len: u64) -> Option<u32> {
+        if slot >= self.geo.slot_count || len > self.geo.slot_size {
+            return None;
+        }
+        self.map
+            .crc(self.geo.slot_offset(slot) as usize, len as usize)
+    }
+
+    /// Mark the region retired (readers that still map it stop using it) and remove its
+    /// file (the mapping lives on until the last handle is dropped).
+    pub fn remove(&self) {
+        self.map.store_u64(STATE_OFF, RETIRED, Ordering::Release);
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Mark a region file left by an earlier daemon retired, so that clients still mapping it
+/// stop trusting it.
+fn retire_file(path: &Path) {
+    let Ok(file) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+    else {
+        return;
+    };
+    let Ok(map) = Mapping::read_write(&file, None) else {
+        return;
+    };
+    let mut h = [0u8; 8];
+    if map.read(0, &mut h) && &h == MAGIC {
+        map.store_u64(STATE_OFF, RETIRED, Ordering::Release);
+    }
+}
+
+/// Map `capacity` bytes at `offset` of a region read-write: a lease holder's buffer.
+pub fn map_lease(path: &Path, offset: u64, capacity: u64) -> std::io::Result<Mapping> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)?;
+    Mapping::read_write(&file, Some((offset, capacity as usize)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn region(dir: &Path) -> (Region, PathBuf) {
+        let p = dir.join("r");
+        let r = Region::create(
+            &p,
+            Geometry::new(4096, 4),
+            7,
+            Access {
+                uid: None,
+                gid: None,
+                mode: 0o600,
+            },
+        )
+        .unwrap();
+        (r, p)
+    }
+
+    #[test]
+    fn write_then_read_and_detect_corruption() {
+        let d = tempfile::tempdir().unwrap();
+        let (r, p) = region(d.path());
+        let data = b"hello chunk".to_vec();
+        assert!(r.write_slot(2, 0, &data));
+        let v = EntryValue {
+            name: "a/b".into(),
+            version: 3,
+            slot: 2,
+            len: data.len() as u64,
+            crc: crc32c::crc32c(&data),
+        };
+        let i = (name_hash("a/b") % r.geometry().index_entries as u64) as u32;
+        r.set_entry(i, &v);
+        assert!(r.entry_is(i, Some(&v)));
+        let rd = Reader::open(&p).unwrap();
+        assert_eq!(rd.generation(), 7);
+        let mut buf = Vec::new();
+        assert_eq!(rd.lookup_into("a/b", &mut buf, true).unwrap(), Some(3));
+        assert_eq!(buf, data);
+        assert_eq!(rd.lookup_into("zz", &mut buf, true).unwrap(), None);
+        // scribble on the data: the crc check catches it
+        assert!(r.write_slot(2, 0, b"J"));
+        assert!(matches!(
+            rd.lookup_into("a/b", &mut buf, true),
+            Err(CacheError::Corrupted(_))
+        ));
+        // scribble on the entry
+        let off = r.geometry().entry_offset(i) + 20;
+        r.map.write(off, b"\xff");
+        assert!(matches!(
+            rd.lookup_into("a/b", &mut buf, false),
+            Err(CacheError::Corrupted(_))
+        ));
+        r.set_entry(i, &v);
+        // scribble on the header: new readers refuse it
+        r.map.write(20, b"\x01");
+        assert!(matches!(Reader::open(&p), Err(CacheError::Corrupted(_))));
+        assert!(!r.header_ok());
+        r.write_header();
+        assert!(r.header_ok());
+        // retire: old readers stop
+        r.remove();
+        assert!(matches!(
+            rd.lookup_into("a/b", &mut buf, false),
+            Err(CacheError::Retired)
+        ));
+    }
+}

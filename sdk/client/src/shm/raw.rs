@@ -1,0 +1,181 @@
+//! The only unsafe code of the shared-memory chunk cache: mapping the region file and
+//! reading/writing it through raw pointers.
+//!
+//! Why it is sound enough to rely on:
+//! - Every access is bounds-checked against the mapping's length here, so a corrupted
+//!   header or index can make a caller read the wrong bytes, never outside the mapping.
+//! - Other processes change the mapped bytes at any time (that is the point of the cache),
+//!   so no Rust reference to mapped memory is ever handed out for a shared mapping: bytes
+//!   are copied in and out with `ptr::copy_nonoverlapping`, and the 8-byte sequence words
+//!   are accessed as `AtomicU64` (naturally aligned: the mapping is page aligned and every
+//!   sequence word sits at a multiple of 8).
+//! - The sequence-lock protocol (see `super`) decides whether copied bytes are used: a
+//!   copy that raced with a writer is thrown away. The fences that order the copy against
+//!   the sequence loads are in `super`; on x86-64 (TSO) they compile to nothing but keep
+//!   the compiler from moving the copies.
+//! - The one exclusive mapping (`slice_mut`) is a client's private mapping of the slot it
+//!   holds the write lease for; the daemon does not read that slot until stop_write.
+
+use std::fs::File;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+
+enum Map {
+    // held only to keep the mapping alive; reads go through `ptr`
+    #[allow(dead_code)]
+    Ro(memmap2::Mmap),
+    Rw(memmap2::MmapMut),
+}
+
+/// A mapping of (part of) a region file.
+pub struct Mapping {
+    map: Map,
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: the mapping is shared memory accessed only through the bounds-checked copy and
+// atomic methods below; moving or sharing the handle between threads is no different from
+// another process mapping the same file.
+unsafe impl Send for Mapping {}
+// SAFETY: as above: all access goes through copies and atomics.
+unsafe impl Sync for Mapping {}
+
+impl Mapping {
+    /// Map the whole file read-only.
+    pub fn read_only(file: &File) -> std::io::Result<Mapping> {
+        // SAFETY: the file is shared memory that other processes change; we never form
+        // references into it (see the module comment).
+        let m = unsafe { memmap2::Mmap::map(file)? };
+        let (ptr, len) = (m.as_ptr() as *mut u8, m.len());
+        Ok(Mapping {
+            map: Map::Ro(m),
+            ptr,
+            len,
+        })
+    }
+
+    /// Map `len` bytes at `offset` (a multiple of the page size) read-write; the whole file
+    /// when `range` is `None`.
+    pub fn read_write(file: &File, range: Option<(u64, usize)>) -> std::io::Result<Mapping> {
+        let mut opts = memmap2::MmapOptions::new();
+        if let Some((offset, len)) = range {
+            opts.offset(offset).len(len);
+        }
+        // SAFETY: as in `read_only`.
+        let mut m = unsafe { opts.map_mut(file)? };
+        let (ptr, len) = (m.as_mut_ptr(), m.len());
+        Ok(Mapping {
+            map: Map::Rw(m),
+            ptr,
+            len,
+        })
+    }
+
+    /// Bytes mapped.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether nothing is mapped.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    fn range_ok(&self, off: usize, len: usize) -> bool {
+        off.checked_add(len).is_some_and(|end| end <= self.len)
+    }
+
+    fn atomic64(&self, off: usize) -> Option<&AtomicU64> {
+        if !self.range_ok(off, 8) || !off.is_multiple_of(8) {
+            return None;
+        }
+        // SAFETY: in bounds, 8-aligned (page-aligned base); AtomicU64 has u64's layout and
+        // atomics are the right way to share the word with other processes.
+        Some(unsafe { &*(self.ptr.add(off) as *const AtomicU64) })
+    }
+
+    /// Atomic load (acquire) of the u64 at `off`; `None` out of bounds or misaligned.
+    pub fn load_u64(&self, off: usize) -> Option<u64> {
+        self.atomic64(off).map(|a| a.load(Ordering::Acquire))
+    }
+
+    /// Atomic load (relaxed) of the u64 at `off`.
+    pub fn load_u64_relaxed(&self, off: usize) -> Option<u64> {
+        self.atomic64(off).map(|a| a.load(Ordering::Relaxed))
+    }
+
+    /// Atomic store of the u64 at `off` (read-write mappings only).
+    pub fn store_u64(&self, off: usize, v: u64, order: Ordering) -> bool {
+        if !matches!(self.map, Map::Rw(_)) {
+            return false;
+        }
+        match self.atomic64(off) {
+            Some(a) => {
+                a.store(v, order);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Atomic load (acquire) of the u32 at `off` (4-aligned).
+    pub fn load_u32(&self, off: usize) -> Option<u32> {
+        if !self.range_ok(off, 4) || !off.is_multiple_of(4) {
+            return None;
+        }
+        // SAFETY: in bounds and 4-aligned; see atomic64.
+        Some(unsafe { &*(self.ptr.add(off) as *const AtomicU32) }.load(Ordering::Acquire))
+    }
+
+    /// Copy `out.len()` bytes at `off` out of the mapping.
+    pub fn read(&self, off: usize, out: &mut [u8]) -> bool {
+        if !self.range_ok(off, out.len()) {
+            return false;
+        }
+        // SAFETY: in bounds; `out` is our own memory and cannot overlap the mapping's
+        // copy source in a way that matters (copy_nonoverlapping on distinct regions).
+        unsafe { std::ptr::copy_nonoverlapping(self.ptr.add(off), out.as_mut_ptr(), out.len()) };
+        true
+    }
+
+    /// Copy `src` into the mapping at `off` (read-write mappings only).
+    pub fn write(&self, off: usize, src: &[u8]) -> bool {
+        if !matches!(self.map, Map::Rw(_)) || !self.range_ok(off, src.len()) {
+            return false;
+        }
+        // SAFETY: in bounds of a writable mapping; src is not in the mapping's range.
+        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), self.ptr.add(off), src.len()) };
+        true
+    }
+
+    /// Copy `len` bytes inside the mapping from `from` to `to` (read-write only).
+    pub fn copy_within(&self, from: usize, to: usize, len: usize) -> bool {
+        if !matches!(self.map, Map::Rw(_)) || !self.range_ok(from, len) || !self.range_ok(to, len) {
+            return false;
+        }
+        // SAFETY: both ranges in bounds; `copy` allows overlap.
+        unsafe { std::ptr::copy(self.ptr.add(from), self.ptr.add(to), len) };
+        true
+    }
+
+    /// crc32c of `len` bytes at `off` (a racing writer gives a wrong crc, never UB).
+    pub fn crc(&self, off: usize, len: usize) -> Option<u32> {
+        if !self.range_ok(off, len) {
+            return None;
+        }
+        // SAFETY: in bounds; the slice lives only for this call and the daemon calls this
+        // on slots that no other writer holds (stop_write, repair). A client scribbling on
+        // it concurrently changes the crc, which is what the check is for.
+        let s = unsafe { std::slice::from_raw_parts(self.ptr.add(off), len) };
+        Some(crc32c::crc32c(s))
+    }
+
+    /// The whole mapping as bytes, for the holder of a write lease (an exclusive,
+    /// read-write mapping of one slot).
+    pub fn slice_mut(&mut self) -> Option<&mut [u8]> {
+        match &mut self.map {
+            Map::Rw(m) => Some(&mut m[..]),
+            Map::Ro(_) => None,
+        }
+    }
+}
