@@ -46,24 +46,68 @@ pub struct Daemon {
     child: Option<Child>,
     /// The directory holding data, socket and log.
     pub dir: PathBuf,
+    /// The directory of the shared-memory chunk caches (under /dev/shm).
+    pub shm: PathBuf,
     _tmp: Option<tempfile::TempDir>,
+    _shm: Option<tempfile::TempDir>,
 }
 
 impl Daemon {
     /// Start a daemon in a new temporary directory.
     pub fn start() -> Daemon {
+        Daemon::start_with("")
+    }
+
+    /// Start a daemon with extra config (TOML; `[spaces] shm_dir` is set by the harness to
+    /// a fresh directory under /dev/shm, removed with the daemon).
+    pub fn start_with(config: &str) -> Daemon {
         let tmp = tempfile::Builder::new()
             .prefix("strata-e2e")
             .tempdir()
             .expect("tempdir");
+        let shm = tempfile::Builder::new()
+            .prefix("strata-e2e")
+            .tempdir_in("/dev/shm")
+            .expect("a directory under /dev/shm");
         let dir = tmp.path().to_path_buf();
+        let shm_dir = shm.path().to_path_buf();
+        {
+            // other users' clients (permission tests) reach the socket and the regions
+            use std::os::unix::fs::PermissionsExt;
+            for d in [&dir, &shm_dir] {
+                let _ = std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755));
+            }
+        }
+        let mut text = config.to_string();
+        let line = format!("shm_dir = {:?}\n", shm_dir.display().to_string());
+        match text.find("[spaces]") {
+            Some(i) => text.insert_str(i + "[spaces]".len() + 1, &line),
+            None => text.push_str(&format!("\n[spaces]\n{line}")),
+        }
+        std::fs::write(dir.join("stratad.toml"), text).expect("config");
         let mut d = Daemon {
             child: None,
             dir,
+            shm: shm_dir,
             _tmp: Some(tmp),
+            _shm: Some(shm),
         };
         d.spawn();
         d
+    }
+
+    /// The daemon's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    /// Kill the daemon with SIGKILL (no shutdown) and start it again on the same state.
+    pub fn kill9_and_restart(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            signal(c.id(), "KILL");
+            let _ = c.wait();
+        }
+        self.spawn();
     }
 
     /// The socket path.
@@ -83,6 +127,8 @@ impl Daemon {
             .open(self.dir.join("stratad.log"))
             .expect("log file");
         let child = Command::new(bin("stratad"))
+            .arg("--config")
+            .arg(self.dir.join("stratad.toml"))
             .arg("--data-dir")
             .arg(self.dir.join("data"))
             .arg("--socket")

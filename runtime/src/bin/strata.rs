@@ -6,6 +6,9 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use strata_runtime::api::client::{Client, ClientError};
 use strata_runtime::api::{cache_word, Reply, Request};
+#[path = "../cli/spaces.rs"]
+mod spaces;
+
 use strata_runtime::plugin::{
     ChunkRef, FailurePolicy, HostInfo, PluginKind, SlotInfo, SlotSettings,
 };
@@ -33,6 +36,24 @@ enum Cmd {
     /// Manage plugin slots.
     #[command(subcommand)]
     Plugin(PluginCmd),
+    /// Chunk spaces: create, join, unjoin, hosts, chunk lists, cache, repair.
+    #[command(subcommand)]
+    Space(spaces::SpaceCmd),
+    /// Chunks: read, write, wait, invalidate.
+    #[command(subcommand)]
+    Chunk(spaces::ChunkCmd),
+    /// Start an allow-listed program on a host of a space, as you.
+    Spawn {
+        /// Space.
+        space: String,
+        /// Host (from `strata space hosts`).
+        host: String,
+        /// Program (absolute path, allow-listed in the daemon's config).
+        program: String,
+        /// Its arguments.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Ask a placement slot to order hosts for a chunk.
     Place {
         /// Placement slot.
@@ -247,9 +268,14 @@ fn main() {
     let cli = Cli::parse();
     if let Err(e) = run(&cli) {
         eprintln!("strata: {e:#}");
-        let code = match e.downcast_ref::<ClientError>() {
-            Some(ClientError::Connect { .. }) => 3,
-            Some(ClientError::Api(_)) => 2,
+        let code = match (
+            e.downcast_ref::<ClientError>(),
+            e.downcast_ref::<strata_client::ClientError>(),
+        ) {
+            (Some(ClientError::Connect { .. }), _)
+            | (_, Some(strata_client::ClientError::Connect { .. })) => 3,
+            (Some(ClientError::Api(_)), _) | (_, Some(strata_client::ClientError::Api(_))) => 2,
+            _ if e.downcast_ref::<spaces::NotOk>().is_some() => 4,
             _ => 1,
         };
         std::process::exit(code);
@@ -315,6 +341,14 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
             }
         }
         Cmd::Plugin(p) => plugin(cli, p)?,
+        Cmd::Space(c) => spaces::space(&cli.socket, c)?,
+        Cmd::Chunk(c) => spaces::chunk(&cli.socket, c)?,
+        Cmd::Spawn {
+            space,
+            host,
+            program,
+            args,
+        } => spaces::spawn(&cli.socket, space, host, program, args)?,
     }
     Ok(())
 }

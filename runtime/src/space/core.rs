@@ -819,6 +819,18 @@ impl Core {
         let cur = s.chunks.get(chunk).map(|ch| (ch.meta, ch.resident));
         let (slot, fill, version, len) = match kind {
             LeaseKind::Write { keep } => {
+                // a volatile space keeps one slot spare so that its chunks can always be
+                // rewritten (a new version needs a slot before the old one is freed)
+                let resident_now = matches!(cur, Some((_, Some(_))));
+                if s.meta.volatile && !resident_now && s.free.len() < 2 {
+                    return Err(reason(
+                        ReasonKind::CacheFull,
+                        format!(
+                            "volatile space {:?} is full: its {} slots hold chunks and lease buffers, one is kept spare for rewrites, and volatile spaces never evict",
+                            s.meta.name, s.meta.slots
+                        ),
+                    ));
+                }
                 let slot = alloc_slot(s, fx)?;
                 // allocation may have evicted the chunk itself: look again
                 let resident = s.chunks.get(chunk).and_then(|ch| ch.resident);
@@ -1689,11 +1701,20 @@ mod tests {
                         c.finish_stop(&p, Ok((1, 0))).0.unwrap();
                     }
                     LeaseOutcome::Fail(r) => {
-                        assert_eq!((sp, i, r.kind), ("v", 2, ReasonKind::CacheFull));
+                        assert!(sp == "v" && i >= 1 && r.kind == ReasonKind::CacheFull);
                     }
                     _ => panic!(),
                 }
             }
+        }
+        // volatile: the spare slot lets "a" be rewritten, again and again
+        for v in 2..5 {
+            let (o, _) = c.start_lease(&A, "v", "a", LeaseKind::Write { keep: true }, false, None);
+            let LeaseOutcome::Granted(g) = o else {
+                panic!("{o:?}")
+            };
+            let p = c.begin_stop(&A, g.lease, 1).unwrap();
+            assert_eq!(c.finish_stop(&p, Ok((1, 0))).0.unwrap(), v);
         }
         // durable: "a" (least recently used) was evicted to disk and reads from there
         assert!(matches!(
