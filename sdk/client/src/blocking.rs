@@ -124,6 +124,18 @@ impl WriteLease {
             buf,
         })
     }
+    /// A handle naming a lease by id, without a buffer: stop (publishing nothing new:
+    /// length 0), abort or stop_invalidate a lease this connection holds, e.g. one granted
+    /// to an earlier `WriteLease` value.
+    pub fn by_id(id: u64) -> WriteLease {
+        WriteLease {
+            id,
+            base_version: 0,
+            len: 0,
+            capacity: 0,
+            buf: LeaseBuf::Local(Vec::new()),
+        }
+    }
     /// Whether a local buffer must be filled with the published contents by a read.
     pub(crate) fn needs_fill(&self, keep: bool) -> bool {
         keep && self.len > 0 && !self.is_shared()
