@@ -7,7 +7,7 @@
 #   guest toolchain  wasm32-unknown-unknown via rustup, or Debian's toolchain + build-std
 #                    (scripts/build-plugins.sh chooses)
 #   Python guests    componentize-py from PyPI (scripts/build-py-plugin.sh)
-#   system           build-essential, pkg-config, python3-pip, fuse3
+#   system           build-essential, pkg-config, python3-venv, fuse3, redis-server
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 log() { printf 'setup: %s\n' "$*" >&2; }
@@ -35,7 +35,9 @@ need_pkgs() {
 }
 
 if command -v apt-get >/dev/null; then
-    need_pkgs build-essential pkg-config python3 python3-venv fuse3 procps
+    # redis-server: the peer the chunk-space benchmark measures against (it starts its own
+    # instance on a Unix socket; a system service the package may start is left alone)
+    need_pkgs build-essential pkg-config python3 python3-venv fuse3 procps redis-server
 fi
 
 # Host toolchain: rustup's cargo if present, else Debian's (>= 1.95 needed by wasmtime 48).

@@ -23,7 +23,8 @@ cargo build --workspace --bins
 step "tests"
 cargo test --workspace --no-fail-fast
 
-step "benchmark, quick mode (full run: cargo bench -p strata-runtime --bench plugin)"
+step "benchmarks, quick mode (full runs: cargo bench -p strata-runtime --bench plugin|spaces)"
 STRATA_BENCH_QUICK=1 cargo test -p strata-runtime --bench plugin
+STRATA_BENCH_QUICK=1 cargo test -p strata-runtime --bench spaces
 
 step "all checks passed in $((SECONDS - t0)) s"

@@ -13,7 +13,11 @@ use std::time::Instant;
 use strata_client::frame::{read_frame_async, write_frame_async};
 use strata_client::Reason;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{UnixListener, UnixStream};
+
+/// A connection's read side, buffered (a frame is several small reads).
+type Reader = tokio::io::BufReader<OwnedReadHalf>;
 
 /// The daemon's state: plugin host and metadata store.
 pub struct Daemon {
@@ -309,7 +313,7 @@ fn refused(r: Reason) -> Reply {
 
 /// Wait until the client closes the connection (or breaks the protocol by sending while
 /// its request is parked).
-async fn closed(s: &mut UnixStream) {
+async fn closed(s: &mut Reader) {
     let mut b = [0u8; 1];
     let _ = s.read(&mut b).await;
 }
@@ -318,7 +322,7 @@ async fn closed(s: &mut UnixStream) {
 /// wake-up or the client's departure.
 async fn serve_space(
     daemon: &Arc<Daemon>,
-    s: &mut UnixStream,
+    s: &mut Reader,
     caller: Caller,
     req: strata_client::SpaceRequest,
     payload: Vec<u8>,
@@ -367,7 +371,7 @@ async fn serve_space(
     }
 }
 
-async fn serve_conn(daemon: Arc<Daemon>, mut s: UnixStream) {
+async fn serve_conn(daemon: Arc<Daemon>, s: UnixStream) {
     let cred = s.peer_cred().ok();
     let uid = cred.as_ref().map(|c| c.uid());
     let caller = Caller {
@@ -376,14 +380,17 @@ async fn serve_conn(daemon: Arc<Daemon>, mut s: UnixStream) {
         uid: uid.unwrap_or(u32::MAX - 1),
         gid: cred.map(|c| c.gid()).unwrap_or(u32::MAX - 1),
     };
-    serve_requests(&daemon, &mut s, uid, caller).await;
+    let (r, mut w) = s.into_split();
+    let mut r = tokio::io::BufReader::with_capacity(64 << 10, r);
+    serve_requests(&daemon, &mut r, &mut w, uid, caller).await;
     let d = daemon.clone();
     let _ = tokio::task::spawn_blocking(move || d.spaces.disconnect(caller.client)).await;
 }
 
 async fn serve_requests(
     daemon: &Arc<Daemon>,
-    s: &mut UnixStream,
+    s: &mut Reader,
+    w: &mut OwnedWriteHalf,
     uid: Option<u32>,
     caller: Caller,
 ) {
@@ -416,12 +423,12 @@ async fn serve_requests(
             Err(e) => {
                 // Framing is lost after a bad frame: answer, then close.
                 if let Ok(frame) = super::encode(&err("protocol", Fault::Caller, e), b"") {
-                    let _ = s.write_all(&frame).await;
+                    let _ = w.write_all(&frame).await;
                 }
                 return;
             }
         };
-        let sent = match write_frame_async(s, &reply, &data).await {
+        let sent = match write_frame_async(w, &reply, &data).await {
             Ok(()) => true,
             Err(e) if e.kind() == std::io::ErrorKind::Other => {
                 tracing::error!("cannot encode a reply: {e}");
@@ -430,7 +437,7 @@ async fn serve_requests(
                     Fault::Host,
                     format!("cannot encode the reply: {e}"),
                 );
-                write_frame_async(s, &r, b"").await.is_ok()
+                write_frame_async(w, &r, b"").await.is_ok()
             }
             Err(_) => false,
         };

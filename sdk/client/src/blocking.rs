@@ -7,15 +7,20 @@
 use crate::frame::{read_frame, write_frame, FrameError};
 use crate::ops::{self, CacheSet, ClientError, Grant, Lookup};
 use crate::proto::*;
-use crate::shm::raw::Mapping;
+use crate::shm::raw::{LeaseWindow, Mapping};
+use crate::shm::{file_id, map_region_rw};
+use std::collections::HashMap;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// A connection to `stratad`.
 pub struct Client {
     s: UnixStream,
+    r: std::io::BufReader<UnixStream>,
     socket: PathBuf,
     caches: CacheSet,
+    rw: RwMaps,
     use_cache: bool,
     verify: bool,
 }
@@ -47,7 +52,7 @@ pub struct WriteLease {
 }
 
 enum LeaseBuf {
-    Shared(Mapping),
+    Shared(LeaseWindow),
     Local(Vec<u8>),
 }
 
@@ -91,7 +96,7 @@ impl WriteLease {
     /// The whole buffer (`capacity` bytes) to read and write in place.
     pub fn buffer_mut(&mut self) -> &mut [u8] {
         match &mut self.buf {
-            LeaseBuf::Shared(m) => m.slice_mut().unwrap_or(&mut []),
+            LeaseBuf::Shared(w) => w.as_mut_slice(),
             LeaseBuf::Local(v) => &mut v[..],
         }
     }
@@ -108,13 +113,16 @@ impl WriteLease {
     }
     /// A lease for a grant: the slot mapped writable, or a local buffer when this process
     /// may not map it (mode bits).
-    pub(crate) fn from_grant(g: &Grant) -> Result<WriteLease, ClientError> {
+    pub(crate) fn from_grant(g: &Grant, maps: &mut RwMaps) -> Result<WriteLease, ClientError> {
         let capacity = usize::try_from(g.capacity)
             .map_err(|_| ClientError::Protocol("lease capacity".into()))?;
         let len = usize::try_from(g.len.min(g.capacity)).unwrap_or(0);
-        let buf = match crate::shm::map_lease(std::path::Path::new(&g.path), g.offset, g.capacity) {
-            Ok(m) if m.len() == capacity => LeaseBuf::Shared(m),
-            _ => LeaseBuf::Local(vec![0u8; capacity]),
+        let window = maps
+            .get(&g.path)
+            .and_then(|m| Mapping::lease_window(&m, g.offset as usize, capacity));
+        let buf = match window {
+            Some(w) => LeaseBuf::Shared(w),
+            None => LeaseBuf::Local(vec![0u8; capacity]),
         };
         Ok(WriteLease {
             id: g.lease,
@@ -171,6 +179,34 @@ impl std::fmt::Debug for WriteLease {
     }
 }
 
+/// (device, inode) of a region file.
+type FileId = (u64, u64);
+
+/// Regions mapped read-write for lease buffers, by path, mapped once (a lease then costs no
+/// mmap and, after a slot's first use, no page faults).
+#[derive(Default)]
+pub(crate) struct RwMaps {
+    maps: HashMap<String, (FileId, Option<Arc<Mapping>>)>,
+}
+
+impl RwMaps {
+    /// The current region at `path` mapped writable (`None`: this process may not).
+    pub(crate) fn get(&mut self, path: &str) -> Option<Arc<Mapping>> {
+        let id = file_id(Path::new(path))?;
+        match self.maps.get(path) {
+            Some((known, m)) if *known == id => m.clone(),
+            _ => {
+                let m = map_region_rw(Path::new(path))
+                    .ok()
+                    .filter(|(_, mid)| *mid == id)
+                    .map(|(m, _)| Arc::new(m));
+                self.maps.insert(path.to_string(), (id, m.clone()));
+                m
+            }
+        }
+    }
+}
+
 /// start_write / start_invalidate: STARTWRITE_OK with a lease, or STARTWRITE_FAIL.
 #[derive(Debug)]
 pub enum StartWriteStatus {
@@ -188,10 +224,19 @@ impl Client {
             path: path.display().to_string(),
             source,
         })?;
+        let r = std::io::BufReader::with_capacity(
+            64 << 10,
+            s.try_clone().map_err(|source| ClientError::Connect {
+                path: path.display().to_string(),
+                source,
+            })?,
+        );
         Ok(Client {
             s,
+            r,
             socket: path.to_owned(),
             caches: CacheSet::default(),
+            rw: RwMaps::default(),
             use_cache: true,
             verify: true,
         })
@@ -222,7 +267,7 @@ impl Client {
         payload: &[u8],
     ) -> Result<(String, serde_json::Value, Vec<u8>), ClientError> {
         write_frame(&mut self.s, header, payload).map_err(FrameError::Io)?;
-        let (reply, data): (serde_json::Value, Vec<u8>) = read_frame(&mut self.s)?;
+        let (reply, data): (serde_json::Value, Vec<u8>) = read_frame(&mut self.r)?;
         let (kind, value) = ops::unwrap_reply(reply)?;
         Ok((kind, value, data))
     }
@@ -234,7 +279,7 @@ impl Client {
     ) -> Result<(SpaceReply, Vec<u8>), ClientError> {
         let env = ops::envelope(req)?;
         write_frame(&mut self.s, &env, payload).map_err(FrameError::Io)?;
-        let (reply, data): (serde_json::Value, Vec<u8>) = read_frame(&mut self.s)?;
+        let (reply, data): (serde_json::Value, Vec<u8>) = read_frame(&mut self.r)?;
         Ok((ops::space_reply(reply)?, data))
     }
 
@@ -470,7 +515,7 @@ impl Client {
         g: Grant,
         keep: bool,
     ) -> Result<WriteLease, ClientError> {
-        let mut lease = WriteLease::from_grant(&g)?;
+        let mut lease = WriteLease::from_grant(&g, &mut self.rw)?;
         if lease.needs_fill(keep) {
             let req = SpaceRequest::Read {
                 space: space.into(),

@@ -1,7 +1,7 @@
 //! The async client (tokio): the same operations as [`crate::Client`], with cache hits
 //! served without awaiting anything.
 
-use crate::blocking::{ReadInto, StartWriteStatus, WriteLease};
+use crate::blocking::{ReadInto, RwMaps, StartWriteStatus, WriteLease};
 use crate::frame::{read_frame_async, write_frame_async, FrameError};
 use crate::ops::{self, CacheSet, ClientError, Lookup};
 use crate::proto::*;
@@ -13,6 +13,7 @@ use tokio::net::UnixStream;
 pub struct AsyncClient {
     s: UnixStream,
     caches: CacheSet,
+    rw: RwMaps,
     use_cache: bool,
     verify: bool,
 }
@@ -34,6 +35,7 @@ impl AsyncClient {
         Ok(AsyncClient {
             s,
             caches: CacheSet::default(),
+            rw: RwMaps::default(),
             use_cache: true,
             verify: true,
         })
@@ -266,7 +268,7 @@ impl AsyncClient {
             Ok(g) => g,
             Err(reason) => return Ok(StartWriteStatus::Fail(reason)),
         };
-        let mut lease = WriteLease::from_grant(&g)?;
+        let mut lease = WriteLease::from_grant(&g, &mut self.rw)?;
         if lease.needs_fill(keep) {
             let (r, data) = self.space(read, &[]).await?;
             lease.fill_local(&r, &data);

@@ -604,13 +604,22 @@ fn retire_file(path: &Path) {
     }
 }
 
-/// Map `capacity` bytes at `offset` of a region read-write: a lease holder's buffer.
-pub fn map_lease(path: &Path, offset: u64, capacity: u64) -> std::io::Result<Mapping> {
+/// Map a whole region read-write (for lease buffers), with the file's identity so that a
+/// replaced region is noticed.
+pub fn map_region_rw(path: &Path) -> std::io::Result<(Mapping, (u64, u64))> {
+    use std::os::unix::fs::MetadataExt;
     let file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .open(path)?;
-    Mapping::read_write(&file, Some((offset, capacity as usize)))
+    let m = file.metadata()?;
+    Ok((Mapping::read_write(&file, None)?, (m.dev(), m.ino())))
+}
+
+/// The identity (device, inode) of the file at `path` now.
+pub fn file_id(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
 }
 
 #[cfg(test)]

@@ -13,15 +13,20 @@
 //!   copy that raced with a writer is thrown away. The fences that order the copy against
 //!   the sequence loads are in `super`; on x86-64 (TSO) they compile to nothing but keep
 //!   the compiler from moving the copies.
-//! - The one exclusive mapping (`slice_mut`) is a client's private mapping of the slot it
-//!   holds the write lease for; the daemon does not read that slot until stop_write.
+//! - The only `&mut [u8]` into shared memory is a [`LeaseWindow`]: the slot a client holds
+//!   the write lease for. The daemon hands a slot to one lease at a time and does not read
+//!   it until stop_write, and the window is borrowed mutably through `&mut self`, so while
+//!   the slice lives nothing else in this process touches those bytes. (Another process
+//!   with write access scribbling on it cannot make this process misbehave beyond
+//!   publishing the scribbled bytes, which the checksum taken at stop_write then covers.)
 
 use std::fs::File;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
 
+// the mappings are held only to keep them alive; access goes through `ptr`
+#[allow(dead_code)]
 enum Map {
-    // held only to keep the mapping alive; reads go through `ptr`
-    #[allow(dead_code)]
     Ro(memmap2::Mmap),
     Rw(memmap2::MmapMut),
 }
@@ -170,12 +175,43 @@ impl Mapping {
         Some(crc32c::crc32c(s))
     }
 
-    /// The whole mapping as bytes, for the holder of a write lease (an exclusive,
-    /// read-write mapping of one slot).
-    pub fn slice_mut(&mut self) -> Option<&mut [u8]> {
-        match &mut self.map {
-            Map::Rw(m) => Some(&mut m[..]),
-            Map::Ro(_) => None,
+    /// The write lease holder's window on `len` bytes at `off` of a read-write mapping.
+    pub fn lease_window(map: &Arc<Mapping>, off: usize, len: usize) -> Option<LeaseWindow> {
+        if !matches!(map.map, Map::Rw(_)) || !map.range_ok(off, len) {
+            return None;
         }
+        Some(LeaseWindow {
+            map: map.clone(),
+            off,
+            len,
+        })
+    }
+}
+
+/// A lease holder's bytes in a shared mapping (see the module comment for why handing out
+/// `&mut` to them is sound).
+pub struct LeaseWindow {
+    map: Arc<Mapping>,
+    off: usize,
+    len: usize,
+}
+
+impl LeaseWindow {
+    /// Bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the window is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The window as bytes to read and write in place.
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: in bounds of a live read-write mapping (checked in `lease_window`; the
+        // Arc keeps it mapped); exclusive for the lease's lifetime by the protocol, and for
+        // this borrow by `&mut self` (module comment).
+        unsafe { std::slice::from_raw_parts_mut(self.map.ptr.add(self.off), self.len) }
     }
 }
