@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The main job, on an embedded default (one host, local tier): set up, start a daemon,
-# load the official plugins, swap one under load, and print what happened.
+# use a chunk space (shared-memory cache, leases, durability across kill -9), load the
+# official plugins, swap one under load, and print what happened.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -10,15 +11,48 @@ BIN="${CARGO_TARGET_DIR:-$ROOT/target}/release"
 W="${STRATA_COMPONENTS:-$ROOT/target/wasm-components}"
 DIR="$(mktemp -d /tmp/strata-demo.XXXXXX)"
 SOCK="$DIR/stratad.sock"
-"$BIN/stratad" --data-dir "$DIR/data" --socket "$SOCK" 2>"$DIR/stratad.log" &
-PID=$!
-trap 'kill $PID 2>/dev/null; wait $PID 2>/dev/null; rm -rf "$DIR"' EXIT
-for _ in $(seq 100); do [[ -S "$SOCK" ]] && break; sleep 0.1; done
+mkdir -p "$DIR/shm"
+SHM="$(mktemp -d /dev/shm/strata-demo.XXXXXX)"
+printf '[spaces]\nshm_dir = "%s"\nspawn_allow = ["/usr/bin/env"]\n' "$SHM" > "$DIR/stratad.toml"
+start() {
+    "$BIN/stratad" --config "$DIR/stratad.toml" --data-dir "$DIR/data" --socket "$SOCK" 2>>"$DIR/stratad.log" &
+    PID=$!
+    for _ in $(seq 100); do "$BIN/strata" --socket "$SOCK" status >/dev/null 2>&1 && break; sleep 0.1; done
+}
+start
+trap 'kill $PID 2>/dev/null; wait $PID 2>/dev/null; rm -rf "$DIR" "$SHM"' EXIT
 strata() { "$BIN/strata" --socket "$SOCK" "$@"; }
 say() { printf '\n\033[1m# %s\033[0m\n' "$*"; }
 
 say "daemon"
 strata status
+say "a durable chunk space: write, read (from the shared-memory cache), write in place, list"
+strata space create demo --slot-size 1048576 --slots 64
+echo "hello, chunk" | strata chunk write demo greeting
+strata chunk read demo greeting
+head -c 1000000 /dev/urandom > "$DIR/big.bin"
+strata chunk write demo data/big "$DIR/big.bin" --lease
+strata chunk read demo data/big -o "$DIR/big.out" && cmp "$DIR/big.bin" "$DIR/big.out" && echo "1 MB chunk read back identical"
+strata space chunks demo
+strata space hosts demo
+strata space cache demo
+say "a reader waits for the next version; a writer publishes it"
+strata chunk wait demo greeting --after 1 --timeout-ms 10000 &
+WAITER=$!
+sleep 0.3
+echo "hello again" | strata chunk write demo greeting
+wait $WAITER
+say "kill -9 the daemon: acknowledged writes of a durable space survive"
+kill -9 $PID; wait $PID 2>/dev/null || true
+start
+strata chunk read demo greeting
+strata chunk read demo data/big -o "$DIR/big.out" && cmp "$DIR/big.bin" "$DIR/big.out" && echo "1 MB chunk intact after kill -9"
+say "invalidate: the chunk reads as READ_WAITING until written again"
+strata chunk invalidate demo greeting
+strata chunk read demo greeting || true
+say "spawn an allow-listed program on a host of the space, as you"
+strata spawn demo "$(strata space hosts demo)" /usr/bin/env
+strata spawn demo "$(strata space hosts demo)" /bin/sh -c true || true
 say "load the official plugins"
 strata plugin load placement "$W/placement-rendezvous.wasm" --kind placement
 strata plugin load hsm "$W/hsm-age-policy.wasm" --kind dm-policy --config $'tier=archive\nmin_size=1048576\nmin_age_secs=86400'
