@@ -25,22 +25,6 @@ pub struct Client {
     verify: bool,
 }
 
-/// What [`Client::read_into`] found.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ReadInto {
-    /// READ_OK: the buffer holds the chunk.
-    Ok {
-        /// Version.
-        version: u64,
-        /// Served from the shared-memory cache.
-        from_cache: bool,
-    },
-    /// READ_WAITING.
-    Waiting,
-    /// READ_FAIL.
-    Fail(Reason),
-}
-
 /// A start_write or start_invalidate lease: a buffer of the slot size, in shared memory when
 /// this process may map the cache writable (one copy for a write), else in local memory.
 pub struct WriteLease {
@@ -364,18 +348,8 @@ impl Client {
     /// Read a chunk (from the cache when it is there).
     pub fn read(&mut self, space: &str, chunk: &str) -> Result<ReadStatus, ClientError> {
         let mut buf = Vec::new();
-        Ok(match self.read_into(space, chunk, &mut buf)? {
-            ReadInto::Ok {
-                version,
-                from_cache,
-            } => ReadStatus::Ok(Chunk {
-                version,
-                data: buf,
-                from_cache,
-            }),
-            ReadInto::Waiting => ReadStatus::Waiting,
-            ReadInto::Fail(r) => ReadStatus::Fail(r),
-        })
+        let r = self.read_into(space, chunk, &mut buf)?;
+        Ok(r.into_status(buf))
     }
 
     /// Read a chunk into `buf` (resized to the chunk), reusing its allocation.
@@ -398,17 +372,7 @@ impl Client {
             chunk: chunk.into(),
         };
         let (r, data) = self.space(&req, &[])?;
-        Ok(match ops::read(r, data)? {
-            ReadStatus::Ok(c) => {
-                *buf = c.data;
-                ReadInto::Ok {
-                    version: c.version,
-                    from_cache: false,
-                }
-            }
-            ReadStatus::Waiting => ReadInto::Waiting,
-            ReadStatus::Fail(r) => ReadInto::Fail(r),
-        })
+        ops::read_into(r, data, buf)
     }
 
     /// A cache hit, or `None` (miss, no cache, or a problem the daemon was told about).

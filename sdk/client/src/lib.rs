@@ -16,7 +16,7 @@ mod ops;
 pub mod proto;
 pub mod shm;
 
-pub use blocking::{Client, ReadInto, StartWriteStatus, WriteLease};
+pub use blocking::{Client, StartWriteStatus, WriteLease};
 #[cfg(feature = "tokio")]
 pub use nonblocking::AsyncClient;
 pub use ops::{ApiError, ClientError};

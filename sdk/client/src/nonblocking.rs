@@ -1,7 +1,7 @@
 //! The async client (tokio): the same operations as [`crate::Client`], with cache hits
 //! served without awaiting anything.
 
-use crate::blocking::{ReadInto, RwMaps, StartWriteStatus, WriteLease};
+use crate::blocking::{RwMaps, StartWriteStatus, WriteLease};
 use crate::frame::{read_frame_async, write_frame_async, FrameError};
 use crate::ops::{self, CacheSet, ClientError, Lookup};
 use crate::proto::*;
@@ -177,34 +177,14 @@ impl AsyncClient {
             chunk: chunk.into(),
         };
         let (r, data) = self.space(req, &[]).await?;
-        Ok(match ops::read(r, data)? {
-            ReadStatus::Ok(c) => {
-                *buf = c.data;
-                ReadInto::Ok {
-                    version: c.version,
-                    from_cache: false,
-                }
-            }
-            ReadStatus::Waiting => ReadInto::Waiting,
-            ReadStatus::Fail(r) => ReadInto::Fail(r),
-        })
+        ops::read_into(r, data, buf)
     }
 
     /// READ_OK / READ_WAITING / READ_FAIL.
     pub async fn read(&mut self, space: &str, chunk: &str) -> Result<ReadStatus, ClientError> {
         let mut buf = Vec::new();
-        Ok(match self.read_into(space, chunk, &mut buf).await? {
-            ReadInto::Ok {
-                version,
-                from_cache,
-            } => ReadStatus::Ok(Chunk {
-                version,
-                data: buf,
-                from_cache,
-            }),
-            ReadInto::Waiting => ReadStatus::Waiting,
-            ReadInto::Fail(r) => ReadStatus::Fail(r),
-        })
+        let r = self.read_into(space, chunk, &mut buf).await?;
+        Ok(r.into_status(buf))
     }
 
     /// WAIT_OK / WAIT_FAIL.

@@ -168,6 +168,25 @@ pub(crate) fn read(r: SpaceReply, data: Vec<u8>) -> Result<ReadStatus, ClientErr
     }
 }
 
+/// A READ reply into the caller's buffer.
+pub(crate) fn read_into(
+    r: SpaceReply,
+    data: Vec<u8>,
+    buf: &mut Vec<u8>,
+) -> Result<ReadInto, ClientError> {
+    Ok(match read(r, data)? {
+        ReadStatus::Ok(c) => {
+            *buf = c.data;
+            ReadInto::Ok {
+                version: c.version,
+                from_cache: false,
+            }
+        }
+        ReadStatus::Waiting => ReadInto::Waiting,
+        ReadStatus::Fail(r) => ReadInto::Fail(r),
+    })
+}
+
 pub(crate) fn wait(r: SpaceReply, data: Vec<u8>) -> Result<WaitStatus, ClientError> {
     match r {
         SpaceReply::WaitOk { version } => Ok(WaitStatus::Ok(Chunk {

@@ -426,6 +426,40 @@ pub struct Chunk {
     pub from_cache: bool,
 }
 
+/// What a `read_into` found (the bytes are in the caller's buffer).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReadInto {
+    /// READ_OK: the buffer holds the chunk.
+    Ok {
+        /// Version.
+        version: u64,
+        /// Served from the shared-memory cache.
+        from_cache: bool,
+    },
+    /// READ_WAITING.
+    Waiting,
+    /// READ_FAIL.
+    Fail(Reason),
+}
+
+impl ReadInto {
+    /// The [`ReadStatus`] with the buffer's bytes.
+    pub fn into_status(self, data: Vec<u8>) -> ReadStatus {
+        match self {
+            ReadInto::Ok {
+                version,
+                from_cache,
+            } => ReadStatus::Ok(Chunk {
+                version,
+                data,
+                from_cache,
+            }),
+            ReadInto::Waiting => ReadStatus::Waiting,
+            ReadInto::Fail(r) => ReadStatus::Fail(r),
+        }
+    }
+}
+
 /// create: CREATE_OK / CREATE_EXISTS.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CreateStatus {
