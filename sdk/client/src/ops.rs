@@ -265,8 +265,17 @@ pub(crate) fn repair(r: SpaceReply) -> Result<String, ClientError> {
 /// The cache regions a client has mapped, by space.
 #[derive(Default)]
 pub(crate) struct CacheSet {
-    spaces: HashMap<String, Option<Reader>>,
+    /// A mapped region, or none since the instant given (asked again a second later: the
+    /// space may have been created, repaired or opened to us since).
+    spaces: HashMap<String, Slot>,
 }
+
+enum Slot {
+    Mapped(Reader),
+    Unavailable(std::time::Instant),
+}
+
+const RETRY_UNAVAILABLE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// What a cache lookup found, and what the client must do next.
 pub(crate) enum Lookup {
@@ -289,11 +298,13 @@ impl CacheSet {
         buf: &mut Vec<u8>,
         verify: bool,
     ) -> Lookup {
-        let Some(slot) = self.spaces.get(space) else {
-            return Lookup::Open;
-        };
-        let Some(reader) = slot else {
-            return Lookup::Miss;
+        let reader = match self.spaces.get(space) {
+            None => return Lookup::Open,
+            Some(Slot::Unavailable(since)) if since.elapsed() >= RETRY_UNAVAILABLE => {
+                return Lookup::Open
+            }
+            Some(Slot::Unavailable(_)) => return Lookup::Miss,
+            Some(Slot::Mapped(r)) => r,
         };
         match reader.lookup_into(chunk, buf, verify) {
             Ok(Some(v)) => Lookup::Hit(v),
@@ -308,7 +319,10 @@ impl CacheSet {
                 Lookup::Repair(what)
             }
             Err(_) => {
-                self.spaces.insert(space.to_owned(), None);
+                self.spaces.insert(
+                    space.to_owned(),
+                    Slot::Unavailable(std::time::Instant::now()),
+                );
                 Lookup::Miss
             }
         }
@@ -320,7 +334,11 @@ impl CacheSet {
             CacheStatus::Ok { path, .. } => Reader::open(std::path::Path::new(&path)).ok(),
             CacheStatus::Fail(_) => None,
         };
-        self.spaces.insert(space.to_owned(), reader);
+        let slot = match reader {
+            Some(r) => Slot::Mapped(r),
+            None => Slot::Unavailable(std::time::Instant::now()),
+        };
+        self.spaces.insert(space.to_owned(), slot);
     }
 
     pub(crate) fn forget(&mut self, space: &str) {
