@@ -327,21 +327,33 @@ async fn serve_space(
     req: strata_client::SpaceRequest,
     payload: Vec<u8>,
 ) -> Option<(Reply, Vec<u8>)> {
-    let d = daemon.clone();
-    let step =
-        match tokio::task::spawn_blocking(move || d.spaces.begin(&caller, req, payload)).await {
-            Ok(step) => step,
-            Err(e) => {
-                return Some((
-                    err(
-                        "internal",
-                        Fault::Host,
-                        format!("space handler failed: {e}"),
-                    ),
-                    vec![],
-                ))
-            }
-        };
+    // Requests that may fsync, exec or load from disk go to the blocking pool; the rest
+    // (reads, lists, lease grants, small volatile writes: short, in memory) run inline,
+    // which saves a thread hand-off per round trip.
+    let light = daemon.spaces.runs_inline(&req) && payload.len() <= 4 << 20;
+    let step = if light {
+        let run = std::panic::AssertUnwindSafe(|| daemon.spaces.begin(&caller, req, payload));
+        std::panic::catch_unwind(run).map_err(|_| "panicked".to_string())
+    } else {
+        let d = daemon.clone();
+        tokio::task::spawn_blocking(move || d.spaces.begin(&caller, req, payload))
+            .await
+            .map_err(|e| e.to_string())
+    };
+    let step = match step {
+        Ok(step) => step,
+        Err(e) => {
+            tracing::error!("space request handler failed: {e}");
+            return Some((
+                err(
+                    "internal",
+                    Fault::Host,
+                    format!("space handler failed: {e}"),
+                ),
+                vec![],
+            ));
+        }
+    };
     let (rx, then) = match step {
         Step::Done((r, data)) => return Some((Reply::Space(r), data)),
         Step::Refused(r) => return Some((refused(r), vec![])),

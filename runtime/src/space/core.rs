@@ -929,6 +929,11 @@ impl Core {
         }
     }
 
+    /// The space of a lease (whoever holds it).
+    pub fn lease_space(&self, lease: LeaseId) -> Option<&str> {
+        self.leases.get(&lease).map(|l| l.space.as_str())
+    }
+
     /// Where a lease's buffer is (for stop_write with a payload).
     pub fn lease_slot(&self, c: &Caller, lease: LeaseId) -> Result<(String, u32), Reason> {
         let l = self.held(c, lease, false)?;

@@ -337,6 +337,39 @@ impl Spaces {
         Step::Parked { rx, then }
     }
 
+    /// Whether a request is short and in memory (may run on an async worker): reads,
+    /// lists, lease grants, and writes of up to 4 MiB to volatile spaces. Anything that may
+    /// fsync, exec or load from disk is not.
+    pub fn runs_inline(&self, req: &SpaceRequest) -> bool {
+        const SMALL: u64 = 4 << 20;
+        let volatile = |space: &str| {
+            self.lock()
+                .core
+                .space_meta(space)
+                .is_some_and(|m| m.volatile)
+        };
+        match req {
+            SpaceRequest::Read { .. }
+            | SpaceRequest::Wait { .. }
+            | SpaceRequest::Hosts { .. }
+            | SpaceRequest::Chunks { .. }
+            | SpaceRequest::Cache { .. }
+            | SpaceRequest::StartWrite { keep: false, .. }
+            | SpaceRequest::AbortWrite { .. } => true,
+            SpaceRequest::StartWrite { space, .. } => volatile(space),
+            SpaceRequest::Write { space, .. } => volatile(space),
+            SpaceRequest::StopWrite { lease, len } => {
+                *len <= SMALL && {
+                    let g = self.lock();
+                    let space = g.core.lease_space(*lease).map(str::to_string);
+                    drop(g);
+                    space.is_some_and(|s| volatile(&s))
+                }
+            }
+            _ => false,
+        }
+    }
+
     /// Serve the first step of a request. Blocking (copies, fsync): call from a blocking
     /// thread.
     pub fn begin(&self, c: &Caller, req: SpaceRequest, payload: Vec<u8>) -> Step {
