@@ -278,7 +278,7 @@ fn transactions_give_every_seed_status() {
     assert_eq!(read_ok(&mut other, "t", "x").data, b"half-writ");
     // stop_write of a lease not held: WRITE_FAIL no-lease (another connection's, or gone)
     let l = lease(&mut c, "t", "x");
-    let forged = other.abort_write(unsafe_copy(&l));
+    let forged = other.abort_write(same_lease_id(&l));
     assert_eq!(fail_kind(forged.unwrap()), ReasonKind::NoLease);
     assert_eq!(c.abort_write(l).unwrap(), WriteStatus::Ok(4));
     // queued start_write: granted when the holder stops
@@ -357,7 +357,7 @@ fn transactions_give_every_seed_status() {
 }
 
 /// A lease handle naming the same lease id (to try it from another connection).
-fn unsafe_copy(l: &WriteLease) -> WriteLease {
+fn same_lease_id(l: &WriteLease) -> WriteLease {
     WriteLease::by_id(l.id())
 }
 
@@ -692,6 +692,22 @@ fn kill_9_after_acknowledged_writes_loses_nothing_durable() {
     // versions go on after the restart
     let (chunk, v, _) = &expect[0];
     assert_eq!(write_ok(&mut c, "dur", chunk, b"after"), v + 1);
+    // start_invalidate of a chunk only on disk: the buffer holds its stored bytes, and the
+    // invalidation is recorded when the lease ends
+    let (chunk, _, data) = expect.last().unwrap().clone();
+    drop(c);
+    d.kill9_and_restart();
+    let mut c = client(&d);
+    let mut l = match c.start_invalidate("dur", &chunk, false, None).unwrap() {
+        StartWriteStatus::Ok(l) => l,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(l.data_mut(), &data[..]);
+    assert_eq!(c.stop_invalidate(l).unwrap(), InvalidateStatus::Invalidated);
+    drop(c);
+    d.kill9_and_restart();
+    let mut c = client(&d);
+    assert_eq!(c.read("dur", &chunk).unwrap(), ReadStatus::Waiting);
     assert!(d.stop());
 }
 

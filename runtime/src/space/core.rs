@@ -359,6 +359,8 @@ pub struct Core {
     spaces: BTreeMap<String, Space>,
     leases: HashMap<LeaseId, Lease>,
     waiters: HashMap<WaiterId, Waiter>,
+    /// Slots of leases reclaimed from open connections: (space, generation, slot).
+    quarantine: HashMap<ClientId, Vec<(String, u64, u32)>>,
     next_id: u64,
     now: u64,
     uses: u64,
@@ -398,6 +400,7 @@ impl Core {
             spaces: BTreeMap::new(),
             leases: HashMap::new(),
             waiters: HashMap::new(),
+            quarantine: HashMap::new(),
             next_id: 1,
             now: 0,
             uses: 0,
@@ -623,6 +626,9 @@ impl Core {
         }
         let mut fx = vec![Effect::StoreSpace(meta), Effect::RemoveRegion(space.into())];
         self.leases.retain(|_, l| l.space != space);
+        for q in self.quarantine.values_mut() {
+            q.retain(|(sp, _, _)| sp != space);
+        }
         let gone: Vec<WaiterId> = self
             .waiters
             .iter()
@@ -699,19 +705,26 @@ impl Core {
         Ok(s.chunks.get_mut(chunk).and_then(|ch| plan(ch, t)))
     }
 
-    /// Cache a durable chunk loaded from the store: the slot to copy it into, and the
-    /// effects to apply once it is there (`None`: no slot free, serve it uncached).
-    pub fn fill(&mut self, space: &str, chunk: &str, version: u64) -> Option<(u32, Vec<Effect>)> {
+    /// Cache a durable chunk loaded from the store: the slot to copy it into, the effects
+    /// to apply before the copy (evicting the slot's previous chunk from the index) and
+    /// those to apply once the bytes are there (publishing them). `None`: no slot free,
+    /// serve it uncached.
+    pub fn fill(&mut self, space: &str, chunk: &str, version: u64) -> Option<Filling> {
         let s = self.spaces.get_mut(space)?;
         let ch = s.chunks.get(chunk)?;
         if ch.resident.is_some() || !ch.meta.valid || ch.meta.version != version {
             return None;
         }
         let meta = ch.meta;
-        let mut fx = Vec::new();
-        let slot = alloc_slot(s, &mut fx).ok()?;
-        publish_entry(s, chunk, slot, meta, &mut fx);
-        Some((slot, fx))
+        let mut before = Vec::new();
+        let slot = alloc_slot(s, &mut before).ok()?;
+        let mut after = Vec::new();
+        publish_entry(s, chunk, slot, meta, &mut after);
+        Some(Filling {
+            slot,
+            before,
+            after,
+        })
     }
 
     /// wait: the chunk now (if it exists and is newer than `after`), or a parked waiter.
@@ -862,17 +875,10 @@ impl Core {
                     Some((m, _)) => (alloc_slot(s, fx)?, Fill::Nothing, m.version, 0),
                     None => (alloc_slot(s, fx)?, Fill::Nothing, 0, 0),
                 };
+                // recorded on disk when the lease ends (the stored bytes may still be
+                // needed to fill the buffer)
                 if let Some(ch) = s.chunks.get_mut(chunk) {
-                    if ch.meta.valid {
-                        ch.meta.valid = false;
-                        if !s.meta.volatile {
-                            fx.push(Effect::StoreChunk {
-                                space: space.into(),
-                                chunk: chunk.into(),
-                                meta: ch.meta,
-                            });
-                        }
-                    }
+                    ch.meta.valid = false;
                 }
                 (slot, fill, version, len)
             }
@@ -985,7 +991,32 @@ impl Core {
     ) -> (Result<u64, Reason>, Vec<Effect>) {
         let mut fx = Vec::new();
         let Some(l) = self.leases.remove(&plan.lease) else {
-            return (Err(reason(ReasonKind::NoLease, "lease vanished")), fx);
+            // the space was left while the write committed: what was stored on disk is the
+            // chunk's state now, so that a later version never repeats this one
+            if let (Ok((len, crc)), true) = (&result, plan.durable) {
+                if let Some(ch) = self
+                    .spaces
+                    .get_mut(&plan.space)
+                    .and_then(|s| s.chunks.get_mut(&plan.chunk))
+                {
+                    if ch.meta.version < plan.version {
+                        ch.meta = ChunkMeta {
+                            version: plan.version,
+                            valid: true,
+                            len: *len,
+                            crc: *crc,
+                        };
+                        ch.resident = None;
+                    }
+                }
+            }
+            return (
+                Err(reason(
+                    ReasonKind::NoSpace,
+                    "the host left the space while the write committed",
+                )),
+                fx,
+            );
         };
         let t = self.touch();
         let Some(s) = self.spaces.get_mut(&l.space) else {
@@ -1059,17 +1090,39 @@ impl Core {
 
     /// End a lease without publishing; returns the chunk's version.
     fn release(&mut self, lease: LeaseId, fx: &mut Vec<Effect>) -> u64 {
+        self.end_lease(lease, false, fx)
+    }
+
+    /// End a lease without publishing. A lease taken away from a connection that is still
+    /// open (timeout) has its slot quarantined until that connection closes: the client
+    /// may still write into its buffer, which must not be another chunk's by then.
+    fn end_lease(&mut self, lease: LeaseId, quarantine: bool, fx: &mut Vec<Effect>) -> u64 {
         let Some(l) = self.leases.remove(&lease) else {
             return 0;
         };
         let Some(s) = self.spaces.get_mut(&l.space) else {
             return 0;
         };
-        s.free.push(l.slot);
+        if quarantine {
+            self.quarantine.entry(l.client).or_default().push((
+                l.space.clone(),
+                s.meta.generation,
+                l.slot,
+            ));
+        } else {
+            s.free.push(l.slot);
+        }
         let mut v = 0;
         if let Some(ch) = s.chunks.get_mut(&l.chunk) {
             ch.lease = None;
             v = ch.meta.version;
+            if l.kind == LeaseKind::Invalidate && !ch.meta.valid && !s.meta.volatile {
+                fx.push(Effect::StoreChunk {
+                    space: l.space.clone(),
+                    chunk: l.chunk.clone(),
+                    meta: ch.meta,
+                });
+            }
         }
         self.next_in_queue(&l.space, &l.chunk, fx);
         v
@@ -1169,6 +1222,13 @@ impl Core {
         for id in mine {
             self.release(id, &mut fx);
         }
+        for (space, generation, slot) in self.quarantine.remove(&client).unwrap_or_default() {
+            if let Some(s) = self.spaces.get_mut(&space) {
+                if s.meta.generation == generation && s.meta.joined {
+                    s.free.push(slot);
+                }
+            }
+        }
         fx
     }
 
@@ -1220,7 +1280,7 @@ impl Core {
             .collect();
         expired.sort_unstable();
         for id in expired {
-            self.release(id, &mut fx);
+            self.end_lease(id, true, &mut fx);
         }
         fx
     }
@@ -1246,21 +1306,23 @@ impl Core {
 
     /// Forget a cached copy (its slot was found corrupted): durable chunks stay valid on
     /// disk; a volatile chunk is lost and becomes invalid.
-    pub fn drop_resident(&mut self, space: &str, chunk: &str) {
+    pub fn drop_resident(&mut self, space: &str, chunk: &str) -> Vec<Effect> {
+        let mut fx = Vec::new();
         let Some(s) = self.spaces.get_mut(space) else {
-            return;
+            return fx;
         };
+        let Some(r) = s.chunks.get(chunk).and_then(|ch| ch.resident) else {
+            return fx;
+        };
+        take_entry(s, chunk, r, &mut fx);
+        s.free.push(r.slot);
         let volatile = s.meta.volatile;
         if let Some(ch) = s.chunks.get_mut(chunk) {
-            if let Some(r) = ch.resident.take() {
-                s.index[r.entry as usize] = IndexUse::Removed;
-                s.removed += 1;
-                s.free.push(r.slot);
-                if volatile {
-                    ch.meta.valid = false;
-                }
+            if volatile {
+                ch.meta.valid = false;
             }
         }
+        fx
     }
 
     /// Rewrite a space's whole index from the core's state (after a repair, or to drop
@@ -1307,6 +1369,17 @@ impl Core {
         let leased = self.leases.values().filter(|l| l.space == space).count();
         Some((cached, leased, s.free.len()))
     }
+}
+
+/// A cache fill: see [`Core::fill`].
+#[derive(Debug)]
+pub struct Filling {
+    /// Slot to copy the bytes into.
+    pub slot: u32,
+    /// Apply before copying.
+    pub before: Vec<Effect>,
+    /// Apply after copying.
+    pub after: Vec<Effect>,
 }
 
 /// Why a join failed.
@@ -1607,6 +1680,9 @@ mod tests {
         c.tick(1099);
         assert!(c.slot_usage("s").unwrap().1 == 1);
         c.tick(1100);
+        // reclaimed from an open connection: the slot is quarantined until it closes
+        assert_eq!(c.slot_usage("s"), Some((1, 0, 2)));
+        c.disconnect(A.client);
         assert_eq!(c.slot_usage("s"), Some((1, 0, 3)));
         assert_eq!(
             c.begin_stop(&A, g.lease, 1).unwrap_err().kind,
@@ -1731,8 +1807,9 @@ mod tests {
             Some(ReadPlan::Resident { .. })
         ));
         // filling "a" again evicts the LRU one ("b")
-        let (_, fx) = c.fill("d", "a", 1).unwrap();
-        assert!(fx.iter().any(|e| matches!(
+        let f = c.fill("d", "a", 1).unwrap();
+        assert!(matches!(f.after[..], [Effect::SetEntry { .. }]));
+        assert!(f.before.iter().any(|e| matches!(
             e,
             Effect::ClearEntry {
                 tombstone: true,
@@ -1799,7 +1876,10 @@ mod tests {
             .filter(|e| matches!(e, Effect::ClearEntry { .. }))
             .count();
         assert_eq!(clears, 8);
-        c.drop_resident("s", "a");
+        assert!(matches!(
+            c.drop_resident("s", "a")[..],
+            [Effect::ClearEntry { .. }]
+        ));
         assert!(matches!(
             c.read(&A, "s", "a").unwrap(),
             Some(ReadPlan::Disk { .. })

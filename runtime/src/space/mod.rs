@@ -466,13 +466,10 @@ impl Spaces {
             } => {
                 let mut g = self.lock();
                 match g.core.wait(c, &space, &chunk, after, timeout_ms) {
-                    WaitOutcome::Now(p) => {
-                        drop(g);
-                        match self.serve_plan(c, &space, &chunk, p) {
-                            Ok((version, data)) => done((R::WaitOk { version }, data)),
-                            Err(reason) => none(R::WaitFail { reason }),
-                        }
-                    }
+                    WaitOutcome::Now(p) => match self.serve_plan(g, &space, &chunk, p) {
+                        Ok((version, data)) => done((R::WaitOk { version }, data)),
+                        Err(reason) => none(R::WaitFail { reason }),
+                    },
                     WaitOutcome::Parked(id) => self.park(&mut g, id, Then::Reply),
                     WaitOutcome::Fail(reason) => none(R::WaitFail { reason }),
                 }
@@ -593,16 +590,17 @@ impl Spaces {
     }
 
     /// Bytes of a read plan: from the slot, or from the store (then cached).
+    /// `g` is the guard under which the plan was made: a cached chunk is copied under it
+    /// (its slot cannot be reused meanwhile); a chunk on disk is loaded without it.
     fn serve_plan(
         &self,
-        _c: &Caller,
+        g: MutexGuard<'_, Inner>,
         space: &str,
         chunk: &str,
         p: ReadPlan,
     ) -> Result<(u64, Vec<u8>), Reason> {
         match p {
             ReadPlan::Resident { version, slot, len } => {
-                let g = self.lock();
                 let r = self.region(&g, space)?;
                 let mut buf = Vec::new();
                 if r.read_slot(slot, len, &mut buf) {
@@ -612,6 +610,7 @@ impl Spaces {
                 }
             }
             ReadPlan::Disk { .. } => {
+                drop(g);
                 let (meta, data) = match self.durable.chunk(space, chunk) {
                     Ok(Some(x)) => x,
                     Ok(None) => {
@@ -623,11 +622,16 @@ impl Spaces {
                     Err(e) => return Err(io_reason(e)),
                 };
                 let mut g = self.lock();
-                if let Some((slot, fx)) = g.core.fill(space, chunk, meta.version) {
-                    if let Ok(r) = self.region(&g, space) {
-                        if r.write_slot(slot, 0, &data) {
-                            self.apply(&mut g, fx);
-                        }
+                if let Some(f) = g.core.fill(space, chunk, meta.version) {
+                    // the slot's previous chunk leaves the index before its bytes change
+                    self.apply(&mut g, f.before);
+                    let copied = self
+                        .region(&g, space)
+                        .is_ok_and(|r| r.write_slot(f.slot, 0, &data));
+                    self.apply(&mut g, f.after);
+                    if !copied {
+                        let fx = g.core.drop_resident(space, chunk);
+                        self.apply(&mut g, fx);
                     }
                 }
                 Ok((meta.version, data))
@@ -636,9 +640,10 @@ impl Spaces {
     }
 
     fn read(&self, c: &Caller, space: &str, chunk: &str) -> Answer {
-        let plan = self.lock().core.read(c, space, chunk);
+        let mut g = self.lock();
+        let plan = g.core.read(c, space, chunk);
         match plan {
-            Ok(Some(p)) => match self.serve_plan(c, space, chunk, p) {
+            Ok(Some(p)) => match self.serve_plan(g, space, chunk, p) {
                 Ok((version, data)) => (SpaceReply::ReadOk { version }, data),
                 Err(reason) => (SpaceReply::ReadFail { reason }, vec![]),
             },
@@ -804,29 +809,45 @@ impl Spaces {
             region.write_header();
             notes.push("header rewritten".to_string());
         }
-        let (mut restored, mut lost) = (0, Vec::new());
+        let (mut restore, mut lost) = (Vec::new(), Vec::new());
         for (chunk, slot, m) in g.core.resident(space) {
             if region.slot_crc(slot, m.len) == Some(m.crc) {
                 continue;
             }
-            let fixed = !meta.volatile
-                && matches!(self.durable.chunk(space, &chunk), Ok(Some((dm, data)))
-                    if dm.version == m.version && region.write_slot(slot, 0, &data));
-            if fixed {
-                restored += 1;
+            let stored = if meta.volatile {
+                None
             } else {
-                g.core.drop_resident(space, &chunk);
-                if meta.volatile {
-                    lost.push(chunk);
+                match self.durable.chunk(space, &chunk) {
+                    Ok(Some((dm, data))) if dm.version == m.version => Some(data),
+                    _ => None,
+                }
+            };
+            match stored {
+                Some(data) => restore.push((slot, data)),
+                None => {
+                    let fx = g.core.drop_resident(space, &chunk);
+                    self.apply(&mut g, fx);
+                    if meta.volatile {
+                        lost.push(chunk);
+                    }
                 }
             }
         }
-        let fx = g.core.rebuild(space);
-        let live = fx
-            .iter()
-            .filter(|e| matches!(e, Effect::SetEntry { .. }))
-            .count();
-        self.apply(&mut g, fx);
+        // every entry is cleared before a slot is rewritten, then the index is re-entered
+        let (clears, sets): (Vec<Effect>, Vec<Effect>) = g
+            .core
+            .rebuild(space)
+            .into_iter()
+            .partition(|e| matches!(e, Effect::ClearEntry { .. }));
+        self.apply(&mut g, clears);
+        let mut restored = 0;
+        for (slot, data) in &restore {
+            if region.write_slot(*slot, 0, data) {
+                restored += 1;
+            }
+        }
+        let live = sets.len();
+        self.apply(&mut g, sets);
         if restored > 0 {
             notes.push(format!("{restored} corrupted slot(s) restored from disk"));
         }

@@ -7,6 +7,8 @@
 //! - [`shm`] is the cache's format, reader and (for the daemon) writer.
 //! - [`frame`] is the socket's framing.
 #![warn(missing_docs)]
+// The only unsafe code is `shm::raw` (mapping shared memory), which allows it.
+#![deny(unsafe_code)]
 
 pub mod blocking;
 pub mod frame;

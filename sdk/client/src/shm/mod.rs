@@ -24,7 +24,8 @@
 //! never returned. The entry crc catches a corrupted index; the data crc (optional on the
 //! hit path, see [`Reader::lookup_into`]) a corrupted slot.
 
-pub mod raw;
+#[allow(unsafe_code)]
+pub(crate) mod raw;
 
 use raw::Mapping;
 use std::fs::File;
@@ -443,9 +444,10 @@ impl Region {
             .mode(0o600)
             .open(path)?;
         file.set_len(geo.file_size())?;
+        raw::allocate(&file, geo.file_size())?;
         std::os::unix::fs::fchown(&file, access.uid, access.gid)?;
         file.set_permissions(std::fs::Permissions::from_mode(access.mode & 0o666))?;
-        let map = Mapping::read_write(&file, None)?;
+        let map = Mapping::read_write(&file)?;
         let r = Region {
             map,
             geo,
@@ -595,7 +597,7 @@ fn retire_file(path: &Path) {
     else {
         return;
     };
-    let Ok(map) = Mapping::read_write(&file, None) else {
+    let Ok(map) = Mapping::read_write(&file) else {
         return;
     };
     let mut h = [0u8; 8];
@@ -606,14 +608,14 @@ fn retire_file(path: &Path) {
 
 /// Map a whole region read-write (for lease buffers), with the file's identity so that a
 /// replaced region is noticed.
-pub fn map_region_rw(path: &Path) -> std::io::Result<(Mapping, (u64, u64))> {
+pub(crate) fn map_region_rw(path: &Path) -> std::io::Result<(Mapping, (u64, u64))> {
     use std::os::unix::fs::MetadataExt;
     let file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .open(path)?;
     let m = file.metadata()?;
-    Ok((Mapping::read_write(&file, None)?, (m.dev(), m.ino())))
+    Ok((Mapping::read_write(&file)?, (m.dev(), m.ino())))
 }
 
 /// The identity (device, inode) of the file at `path` now.

@@ -21,7 +21,7 @@
 //!   publishing the scribbled bytes, which the checksum taken at stop_write then covers.)
 
 use std::fs::File;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 // the mappings are held only to keep them alive; access goes through `ptr`
@@ -59,15 +59,10 @@ impl Mapping {
         })
     }
 
-    /// Map `len` bytes at `offset` (a multiple of the page size) read-write; the whole file
-    /// when `range` is `None`.
-    pub fn read_write(file: &File, range: Option<(u64, usize)>) -> std::io::Result<Mapping> {
-        let mut opts = memmap2::MmapOptions::new();
-        if let Some((offset, len)) = range {
-            opts.offset(offset).len(len);
-        }
+    /// Map the whole file read-write.
+    pub fn read_write(file: &File) -> std::io::Result<Mapping> {
         // SAFETY: as in `read_only`.
-        let mut m = unsafe { opts.map_mut(file)? };
+        let mut m = unsafe { memmap2::MmapOptions::new().map_mut(file)? };
         let (ptr, len) = (m.as_mut_ptr(), m.len());
         Ok(Mapping {
             map: Map::Rw(m),
@@ -79,11 +74,6 @@ impl Mapping {
     /// Bytes mapped.
     pub fn len(&self) -> usize {
         self.len
-    }
-
-    /// Whether nothing is mapped.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
     }
 
     fn range_ok(&self, off: usize, len: usize) -> bool {
@@ -99,9 +89,13 @@ impl Mapping {
         Some(unsafe { &*(self.ptr.add(off) as *const AtomicU64) })
     }
 
-    /// Atomic load (acquire) of the u64 at `off`; `None` out of bounds or misaligned.
+    /// Load of the u64 at `off` ordered before later reads (a relaxed atomic load, which
+    /// is fine on a read-only mapping, then an acquire fence); `None` out of bounds or
+    /// misaligned.
     pub fn load_u64(&self, off: usize) -> Option<u64> {
-        self.atomic64(off).map(|a| a.load(Ordering::Acquire))
+        let v = self.atomic64(off).map(|a| a.load(Ordering::Relaxed));
+        std::sync::atomic::fence(Ordering::Acquire);
+        v
     }
 
     /// Atomic load (relaxed) of the u64 at `off`.
@@ -121,15 +115,6 @@ impl Mapping {
             }
             None => false,
         }
-    }
-
-    /// Atomic load (acquire) of the u32 at `off` (4-aligned).
-    pub fn load_u32(&self, off: usize) -> Option<u32> {
-        if !self.range_ok(off, 4) || !off.is_multiple_of(4) {
-            return None;
-        }
-        // SAFETY: in bounds and 4-aligned; see atomic64.
-        Some(unsafe { &*(self.ptr.add(off) as *const AtomicU32) }.load(Ordering::Acquire))
     }
 
     /// Copy `out.len()` bytes at `off` out of the mapping.
@@ -188,6 +173,20 @@ impl Mapping {
     }
 }
 
+/// Give `file` `len` bytes of real storage now (on tmpfs: memory), so that a full /dev/shm
+/// is an error at creation instead of a SIGBUS on first touch.
+pub fn allocate(file: &File, len: u64) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let len = libc::off_t::try_from(len).map_err(|_| std::io::Error::other("region too large"))?;
+    // SAFETY: a plain system call on a file descriptor we own, with no pointers.
+    let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, len) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::from_raw_os_error(rc))
+    }
+}
+
 /// A lease holder's bytes in a shared mapping (see the module comment for why handing out
 /// `&mut` to them is sound).
 pub struct LeaseWindow {
@@ -197,16 +196,6 @@ pub struct LeaseWindow {
 }
 
 impl LeaseWindow {
-    /// Bytes.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    /// Whether the window is empty.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
     /// The window as bytes to read and write in place.
     pub fn as_mut_slice(&mut self) -> &mut [u8] {
         // SAFETY: in bounds of a live read-write mapping (checked in `lease_window`; the
