@@ -1,28 +1,11 @@
-//! A blocking client of the local API (used by `strata`, tests and benchmarks).
+//! A blocking client of the local API for the daemon's own requests (plugins, status),
+//! used by `strata`, tests and benchmarks. Its errors are the client library's
+//! ([`strata_client::ClientError`]); chunk spaces have their own typed client there.
 
-use super::{read_frame, write_frame, ApiError, FrameError, Reply, Request};
+use super::{read_frame, write_frame, FrameError, Reply, Request};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-
-/// Client errors.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum ClientError {
-    /// The daemon could not be reached.
-    #[error("cannot reach stratad at {path}: {source}")]
-    Connect {
-        /// Socket path.
-        path: String,
-        /// Why.
-        source: std::io::Error,
-    },
-    /// The connection failed mid-request.
-    #[error("connection to stratad failed: {0}")]
-    Frame(#[from] FrameError),
-    /// The daemon refused the request.
-    #[error("{0}")]
-    Api(ApiError),
-}
+pub use strata_client::ClientError;
 
 /// A connection to `stratad`.
 pub struct Client {
@@ -44,7 +27,15 @@ impl Client {
         write_frame(&mut self.s, req, payload).map_err(FrameError::Io)?;
         let (reply, _): (Reply, Vec<u8>) = read_frame(&mut self.s)?;
         match reply {
-            Reply::Error(e) => Err(ClientError::Api(e)),
+            Reply::Error(e) => Err(ClientError::Api(strata_client::ApiError {
+                kind: e.kind,
+                fault: serde_json::to_value(e.fault)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_string))
+                    .unwrap_or_default(),
+                message: e.message,
+                errno: e.errno,
+            })),
             r => Ok(r),
         }
     }

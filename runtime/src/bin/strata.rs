@@ -268,13 +268,9 @@ fn main() {
     let cli = Cli::parse();
     if let Err(e) = run(&cli) {
         eprintln!("strata: {e:#}");
-        let code = match (
-            e.downcast_ref::<ClientError>(),
-            e.downcast_ref::<strata_client::ClientError>(),
-        ) {
-            (Some(ClientError::Connect { .. }), _)
-            | (_, Some(strata_client::ClientError::Connect { .. })) => 3,
-            (Some(ClientError::Api(_)), _) | (_, Some(strata_client::ClientError::Api(_))) => 2,
+        let code = match e.downcast_ref::<ClientError>() {
+            Some(ClientError::Connect { .. }) => 3,
+            Some(ClientError::Api(_)) => 2,
             _ if e.downcast_ref::<spaces::NotOk>().is_some() => 4,
             _ => 1,
         };
