@@ -19,6 +19,11 @@
 //!   the slice lives nothing else in this process touches those bytes. (Another process
 //!   with write access scribbling on it cannot make this process misbehave beyond
 //!   publishing the scribbled bytes, which the checksum taken at stop_write then covers.)
+//!   The daemon keeps the slot of a lease it takes back (timeout) out of use until the
+//!   holder's connection closes. What it cannot see: a process that closed its connection
+//!   but kept a `WriteLease` and writes on; if that process is later granted the same slot
+//!   through another connection, two windows alias. The client library never does this;
+//!   a program that keeps leases past its `Client` is outside this argument.
 
 use std::fs::File;
 use std::sync::atomic::{AtomicU64, Ordering};
