@@ -11,6 +11,7 @@
 
 pub mod api;
 pub mod config;
+pub mod dm;
 pub mod plugin;
 pub mod space;
 pub mod store;
