@@ -1,9 +1,12 @@
 //! Data management (XDSM / DMAPI with the GPFS error refinements): see `docs/dmapi.md`.
 //!
 //! [`core`] is the sans-IO state machine of sessions, events, tokens, rights and
-//! dispositions. The FUSE capture and the API shell that drive it come next (issue 4).
+//! dispositions; [`handle`] the opaque, versioned handles (backed by the kernel's file
+//! handles of the backing filesystem). The FUSE capture and the API shell that drive them
+//! come next (issue 4).
 
 pub mod core;
+pub mod handle;
 
 use serde::{Deserialize, Serialize};
 
