@@ -5,6 +5,7 @@
 //! handles of the backing filesystem). The FUSE capture and the API shell that drive them
 //! come next (issue 4).
 
+pub mod attrs;
 pub mod core;
 pub mod handle;
 
