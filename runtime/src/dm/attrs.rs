@@ -234,12 +234,7 @@ mod tests {
     use crate::dm::EventType;
 
     fn root() {
-        let root = std::fs::metadata("/proc/self")
-            .map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
-            .unwrap_or(false);
-        if !root {
-            panic!("PREREQUISITE MISSING: trusted.* extended attributes need root");
-        }
+        crate::dm::require_root("trusted.* extended attributes");
     }
 
     #[test]

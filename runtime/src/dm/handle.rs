@@ -252,12 +252,7 @@ mod tests {
 
     #[test]
     fn handles_find_objects_by_identity_and_missing_ones_are_ebadf() {
-        let uid_root = std::fs::metadata("/proc/self")
-            .map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
-            .unwrap_or(false);
-        if !uid_root {
-            panic!("PREREQUISITE MISSING: open_by_handle_at needs root (CAP_DAC_READ_SEARCH)");
-        }
+        crate::dm::require_root("open_by_handle_at (CAP_DAC_READ_SEARCH)");
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("a");
         std::fs::write(&p, b"contents").unwrap();

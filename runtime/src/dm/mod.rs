@@ -100,11 +100,24 @@ impl DmError {
     }
 }
 
-/// dm_eventtype_t (the WIT `event-type`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-#[allow(missing_docs)]
-pub enum EventType {
+macro_rules! event_types {
+    ($($name:ident),* $(,)?) => {
+        /// dm_eventtype_t (the WIT `event-type`).
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+        #[serde(rename_all = "lowercase")]
+        #[allow(missing_docs)]
+        pub enum EventType {
+            $($name),*
+        }
+
+        impl EventType {
+            /// Every event type, in the XDSM order.
+            pub const ALL: &'static [EventType] = &[$(EventType::$name),*];
+        }
+    };
+}
+
+event_types!(
     Close,
     Mount,
     Preunmount,
@@ -128,39 +141,9 @@ pub enum EventType {
     Cancel,
     Destroy,
     User,
-}
+);
 
 impl EventType {
-    /// Every event type, in the XDSM order.
-    pub const ALL: [EventType; 23] = {
-        use EventType::*;
-        [
-            Close,
-            Mount,
-            Preunmount,
-            Unmount,
-            Nospace,
-            Debut,
-            Create,
-            Postcreate,
-            Remove,
-            Postremove,
-            Rename,
-            Postrename,
-            Symlink,
-            Postsymlink,
-            Link,
-            Postlink,
-            Read,
-            Write,
-            Truncate,
-            Attribute,
-            Cancel,
-            Destroy,
-            User,
-        ]
-    };
-
     /// Whether the operation waits for the DM application's answer (XDSM synchronous
     /// events; `user` events are synchronous when sent so).
     pub fn is_sync(self) -> bool {
@@ -239,6 +222,15 @@ pub enum Right {
     Shared,
     /// DM_RIGHT_EXCL.
     Excl,
+}
+
+/// Tests that need root say so loudly instead of passing.
+#[cfg(test)]
+pub(crate) fn require_root(what: &str) {
+    let root = std::fs::metadata("/proc/self")
+        .map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
+        .unwrap_or(false);
+    assert!(root, "PREREQUISITE MISSING: {what} needs root");
 }
 
 /// dm_response_t with the abort errno.
