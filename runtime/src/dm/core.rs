@@ -9,101 +9,16 @@
 //! 001). Rights are held under a token, per object (the handle's bytes), as a readers-writer
 //! lock, and released when the token ends.
 
-use super::{DmError, EventSet, EventType, Response, Right};
+use super::{
+    DmError, EventData, EventSet, EventType, FsId, Message, Response, Right, SessionId, Token,
+    INVALID_TOKEN, NO_SESSION, SESSION_INFO_LEN,
+};
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
-/// A session id (0 is DM_NO_SESSION).
-pub type SessionId = u64;
-/// A token (0 is DM_INVALID_TOKEN).
-pub type Token = u64;
-/// A filesystem (mount) id.
-pub type FsId = u32;
 /// A blocked operation of the shell (a FUSE request, a sync `send_msg`).
 pub type OpId = u64;
 /// A parked DM call (get_events with DM_EV_WAIT, request_right with DM_RR_WAIT).
 pub type WaiterId = u64;
-
-/// DM_NO_SESSION.
-pub const NO_SESSION: SessionId = 0;
-/// DM_INVALID_TOKEN (asynchronous messages carry it).
-pub const INVALID_TOKEN: Token = 0;
-/// DM_SESSION_INFO_LEN.
-pub const SESSION_INFO_LEN: usize = 256;
-
-/// What an event carries (the XDSM `dm_*_event_t` bodies; handles are opaque bytes).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum EventData {
-    /// dm_data_event_t.
-    Data {
-        /// Object.
-        handle: Vec<u8>,
-        /// Offset.
-        offset: u64,
-        /// Length.
-        length: u64,
-    },
-    /// dm_namesp_event_t.
-    Namespace {
-        /// Mode.
-        mode: u32,
-        /// Parent (or object).
-        handle1: Vec<u8>,
-        /// Second object (rename target directory, link target).
-        handle2: Vec<u8>,
-        /// Name.
-        name1: String,
-        /// Second name.
-        name2: String,
-        /// Return code (post events).
-        retcode: i32,
-    },
-    /// dm_mount_event_t.
-    Mount {
-        /// Mode of the mount point.
-        mode: u32,
-        /// Filesystem handle.
-        fs_handle: Vec<u8>,
-        /// Mount point path.
-        mount_point: String,
-        /// Backing directory.
-        backing: String,
-        /// Root object's handle.
-        root_handle: Vec<u8>,
-    },
-    /// dm_destroy_event_t.
-    Destroy {
-        /// Object.
-        handle: Vec<u8>,
-        /// Attribute copied.
-        attr_name: [u8; 8],
-        /// Its value.
-        attr_copy: Vec<u8>,
-    },
-    /// dm_cancel_event_t.
-    Cancel {
-        /// Sequence of the cancelled event.
-        sequence: u64,
-        /// Its token.
-        token: Token,
-    },
-    /// A user message.
-    User(Vec<u8>),
-}
-
-/// dm_eventmsg_t.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Message {
-    /// Event type.
-    pub kind: EventType,
-    /// Token (INVALID_TOKEN for asynchronous events).
-    pub token: Token,
-    /// Sequence, unique in the session's stream.
-    pub sequence: u64,
-    /// Filesystem.
-    pub fs: FsId,
-    /// Body.
-    pub data: EventData,
-}
 
 /// What comes out.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -385,7 +300,7 @@ impl Core {
             target,
             0,
             EventType::User,
-            EventData::User(data),
+            EventData::User { data },
             sync.then_some(op),
         ))
     }
@@ -982,7 +897,12 @@ mod tests {
         let (r, _) = c.send_msg(s, true, b"sync".to_vec(), 2).unwrap();
         let Raised::Blocked(t) = r else { panic!() };
         let m = c.get_events(s, 5, None).unwrap().unwrap();
-        assert_eq!(m[1].data, EventData::User(b"sync".to_vec()));
+        assert_eq!(
+            m[1].data,
+            EventData::User {
+                data: b"sync".to_vec()
+            }
+        );
         assert_eq!(
             c.respond(s, t, Response::Continue).unwrap(),
             vec![Output::Answer {

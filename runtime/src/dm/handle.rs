@@ -11,8 +11,8 @@
 //! Decoding never touches the filesystem: a malformed handle is EINVAL; a well-formed one
 //! whose object is gone is EBADF when it is opened (seed 001's refinement).
 
-use super::core::FsId;
 use super::DmError;
+use super::FsId;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 

@@ -11,6 +11,7 @@
 #![deny(unsafe_code)]
 
 pub mod blocking;
+pub mod dm;
 pub mod frame;
 #[cfg(feature = "tokio")]
 pub mod nonblocking;

@@ -1,0 +1,323 @@
+//! Data management (XDSM / DMAPI) types shared by the daemon and DM applications: the GPFS
+//! error codes, event types and sets, rights, responses, event messages (see
+//! `docs/dmapi.md`).
+
+use serde::{Deserialize, Serialize};
+
+/// A session id (0 is DM_NO_SESSION).
+pub type SessionId = u64;
+/// A token (0 is DM_INVALID_TOKEN).
+pub type Token = u64;
+/// A filesystem (mount) id.
+pub type FsId = u32;
+
+/// DM_NO_SESSION.
+pub const NO_SESSION: SessionId = 0;
+/// DM_INVALID_TOKEN (asynchronous messages carry it).
+pub const INVALID_TOKEN: Token = 0;
+/// DM_SESSION_INFO_LEN.
+pub const SESSION_INFO_LEN: usize = 256;
+
+/// DMAPI errors: the GPFS codes of seed 001 and the XDSM ones they refine (the WIT
+/// `dm-error`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, thiserror::Error)]
+#[serde(rename_all = "lowercase")]
+pub enum DmError {
+    /// Not implemented.
+    #[error("ENOSYS: function not implemented")]
+    Enosys,
+    /// The daemon is not running or is initializing.
+    #[error("ENOTREADY: the daemon is initializing")]
+    Enotready,
+    /// Resources could not be acquired.
+    #[error("ENOMEM: resources could not be acquired")]
+    Enomem,
+    /// Fits no other code.
+    #[error("ESTALE: error that fits no other code")]
+    Estale,
+    /// Malformed handle or token, bad argument.
+    #[error("EINVAL: invalid argument, handle or token")]
+    Einval,
+    /// The object does not exist or is inaccessible.
+    #[error("EBADF: no such object")]
+    Ebadf,
+    /// DMAPI disabled for the filesystem, or no privilege.
+    #[error("EPERM: not permitted")]
+    Eperm,
+    /// The event referenced by the token is not outstanding.
+    #[error("ESRCH: the event is not outstanding")]
+    Esrch,
+    /// Invalid address.
+    #[error("EFAULT: invalid address")]
+    Efault,
+    /// Busy (punch_hole on a mapped file, session with outstanding events).
+    #[error("EBUSY: busy")]
+    Ebusy,
+    /// Read-only filesystem.
+    #[error("EROFS: read-only filesystem")]
+    Erofs,
+    /// The right held does not allow it.
+    #[error("EACCES: right not held")]
+    Eacces,
+    /// No such attribute.
+    #[error("ENOENT: no such attribute")]
+    Enoent,
+    /// Over a configured limit.
+    #[error("E2BIG: over the limit")]
+    E2big,
+    /// Would block.
+    #[error("EAGAIN: would block")]
+    Eagain,
+    /// Exists already.
+    #[error("EEXIST: exists")]
+    Eexist,
+    /// I/O error.
+    #[error("EIO: i/o error")]
+    Eio,
+    /// No space.
+    #[error("ENOSPC: no space")]
+    Enospc,
+}
+
+impl DmError {
+    /// The errno.
+    pub fn errno(self) -> i32 {
+        use DmError::*;
+        match self {
+            Enosys => libc::ENOSYS,
+            // Linux has no ENOTREADY: Strata reports it as ENOTCONN (documented)
+            Enotready => libc::ENOTCONN,
+            Enomem => libc::ENOMEM,
+            Estale => libc::ESTALE,
+            Einval => libc::EINVAL,
+            Ebadf => libc::EBADF,
+            Eperm => libc::EPERM,
+            Esrch => libc::ESRCH,
+            Efault => libc::EFAULT,
+            Ebusy => libc::EBUSY,
+            Erofs => libc::EROFS,
+            Eacces => libc::EACCES,
+            Enoent => libc::ENOENT,
+            E2big => libc::E2BIG,
+            Eagain => libc::EAGAIN,
+            Eexist => libc::EEXIST,
+            Eio => libc::EIO,
+            Enospc => libc::ENOSPC,
+        }
+    }
+}
+
+macro_rules! event_types {
+    ($($name:ident),* $(,)?) => {
+        /// dm_eventtype_t (the WIT `event-type`).
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+        #[serde(rename_all = "lowercase")]
+        #[allow(missing_docs)]
+        pub enum EventType {
+            $($name),*
+        }
+
+        impl EventType {
+            /// Every event type, in the XDSM order.
+            pub const ALL: &'static [EventType] = &[$(EventType::$name),*];
+        }
+    };
+}
+
+event_types!(
+    Close,
+    Mount,
+    Preunmount,
+    Unmount,
+    Nospace,
+    Debut,
+    Create,
+    Postcreate,
+    Remove,
+    Postremove,
+    Rename,
+    Postrename,
+    Symlink,
+    Postsymlink,
+    Link,
+    Postlink,
+    Read,
+    Write,
+    Truncate,
+    Attribute,
+    Cancel,
+    Destroy,
+    User,
+);
+
+impl EventType {
+    /// Whether the operation waits for the DM application's answer (XDSM synchronous
+    /// events; `user` events are synchronous when sent so).
+    pub fn is_sync(self) -> bool {
+        use EventType::*;
+        matches!(
+            self,
+            Mount
+                | Preunmount
+                | Nospace
+                | Create
+                | Remove
+                | Rename
+                | Symlink
+                | Link
+                | Read
+                | Write
+                | Truncate
+        )
+    }
+
+    fn bit(self) -> u32 {
+        1 << (self as u32)
+    }
+}
+
+/// dm_eventset_t: a set of event types.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct EventSet(u32);
+
+impl EventSet {
+    /// DMEV_ZERO.
+    pub fn empty() -> EventSet {
+        EventSet(0)
+    }
+    /// A set of these types.
+    pub fn of(types: &[EventType]) -> EventSet {
+        let mut s = EventSet(0);
+        for t in types {
+            s.set(*t);
+        }
+        s
+    }
+    /// DMEV_SET.
+    pub fn set(&mut self, t: EventType) {
+        self.0 |= t.bit();
+    }
+    /// DMEV_CLR.
+    pub fn clear(&mut self, t: EventType) {
+        self.0 &= !t.bit();
+    }
+    /// DMEV_ISSET.
+    pub fn contains(&self, t: EventType) -> bool {
+        self.0 & t.bit() != 0
+    }
+    /// Whether no type is in the set.
+    pub fn is_empty(&self) -> bool {
+        self.0 == 0
+    }
+    /// The types in the set.
+    pub fn types(&self) -> Vec<EventType> {
+        EventType::ALL
+            .iter()
+            .copied()
+            .filter(|t| self.contains(*t))
+            .collect()
+    }
+}
+
+/// dm_right_t.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Right {
+    /// DM_RIGHT_NULL.
+    Null,
+    /// DM_RIGHT_SHARED.
+    Shared,
+    /// DM_RIGHT_EXCL.
+    Excl,
+}
+
+/// dm_response_t with the abort errno.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Response {
+    /// DM_RESP_CONTINUE.
+    Continue,
+    /// DM_RESP_ABORT: the operation fails with this errno.
+    Abort(i32),
+    /// DM_RESP_DONTCARE (the operation continues).
+    Dontcare,
+}
+
+/// What an event carries (the XDSM `dm_*_event_t` bodies; handles are opaque bytes).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "kebab-case")]
+pub enum EventData {
+    /// dm_data_event_t.
+    Data {
+        /// Object.
+        handle: Vec<u8>,
+        /// Offset.
+        offset: u64,
+        /// Length.
+        length: u64,
+    },
+    /// dm_namesp_event_t.
+    Namespace {
+        /// Mode.
+        mode: u32,
+        /// Parent (or object).
+        handle1: Vec<u8>,
+        /// Second object (rename target directory, link target).
+        handle2: Vec<u8>,
+        /// Name.
+        name1: String,
+        /// Second name.
+        name2: String,
+        /// Return code (post events).
+        retcode: i32,
+    },
+    /// dm_mount_event_t.
+    Mount {
+        /// Mode of the mount point.
+        mode: u32,
+        /// Filesystem handle.
+        fs_handle: Vec<u8>,
+        /// Mount point path.
+        mount_point: String,
+        /// Backing directory.
+        backing: String,
+        /// Root object's handle.
+        root_handle: Vec<u8>,
+    },
+    /// dm_destroy_event_t.
+    Destroy {
+        /// Object.
+        handle: Vec<u8>,
+        /// Attribute copied.
+        attr_name: [u8; 8],
+        /// Its value.
+        attr_copy: Vec<u8>,
+    },
+    /// dm_cancel_event_t.
+    Cancel {
+        /// Sequence of the cancelled event.
+        sequence: u64,
+        /// Its token.
+        token: Token,
+    },
+    /// A user message.
+    User {
+        /// The message.
+        data: Vec<u8>,
+    },
+}
+
+/// dm_eventmsg_t.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Message {
+    /// Event type.
+    pub kind: EventType,
+    /// Token (INVALID_TOKEN for asynchronous events).
+    pub token: Token,
+    /// Sequence, unique in the session's stream.
+    pub sequence: u64,
+    /// Filesystem.
+    pub fs: FsId,
+    /// Body.
+    pub data: EventData,
+}
