@@ -21,6 +21,10 @@
 //! max_cache_bytes = 4294967296        # largest cache region of one space
 //! lease_timeout_ms = 30000            # start_write leases not stopped by then are reclaimed
 //! spawn_allow = ["/usr/bin/env"]      # programs `spawn` may start (exact paths)
+//!
+//! [dm]
+//! event_timeout_ms = 60000            # a synchronous event unanswered this long fails...
+//! timeout_errno = 110                 # ...its operation with this errno (ETIMEDOUT)
 //! ```
 
 use serde::{Deserialize, Serialize};
@@ -40,6 +44,8 @@ pub struct Config {
     pub plugins: PluginConfig,
     /// Chunk spaces.
     pub spaces: SpaceConfig,
+    /// Data management (DMAPI).
+    pub dm: crate::dm::service::DmConfig,
 }
 
 /// `[spaces]`.
@@ -115,6 +121,7 @@ impl Default for Config {
             log: "info".into(),
             plugins: PluginConfig::default(),
             spaces: SpaceConfig::default(),
+            dm: crate::dm::service::DmConfig::default(),
         }
     }
 }

@@ -91,6 +91,9 @@ pub enum Request {
     },
     /// A chunk-space operation (`{"op":"space","call":...}`; see `strata_client::proto`).
     Space(SpaceRequest),
+    /// A DMAPI call (`{"op":"dm","call":...}`; see `strata_client::dm`). Root or the
+    /// daemon's user only.
+    Dm(strata_client::dm::DmRequest),
 }
 
 impl Request {
@@ -99,6 +102,7 @@ impl Request {
         matches!(
             self,
             Request::PluginState { .. }
+                | Request::Dm(_)
                 | Request::PluginLoad { .. }
                 | Request::PluginSwap { .. }
                 | Request::PluginRollback { .. }
@@ -165,6 +169,8 @@ pub enum Reply {
     },
     /// A chunk-space answer: the seed's status code (chunk bytes in the payload).
     Space(SpaceReply),
+    /// A DMAPI answer.
+    Dm(strata_client::dm::DmReply),
     /// A rebalance answer.
     Moves {
         /// Copies to move.

@@ -24,6 +24,7 @@ pub struct Daemon {
     cfg: Config,
     host: PluginHost,
     spaces: Spaces,
+    dm: crate::dm::service::Dm,
     store: Store,
     started: Instant,
     uid: u32,
@@ -86,10 +87,12 @@ impl Daemon {
             cfg.socket.clone(),
             uid,
         )?;
+        let dm = crate::dm::service::Dm::new(&cfg.dm);
         let d = Daemon {
             cfg,
             host,
             spaces,
+            dm,
             store,
             started: Instant::now(),
             uid,
@@ -278,10 +281,10 @@ impl Daemon {
                 },
                 Err(e) => call_err(e),
             },
-            Request::Space(_) => err(
+            Request::Space(_) | Request::Dm(_) => err(
                 "protocol",
                 Fault::Caller,
-                "space requests are served on a connection (see serve_conn)",
+                "space and dm requests are served on a connection (see serve_conn)",
             ),
             Request::Rebalance { slot, change } => match self.host.rebalance(&slot, &change) {
                 Ok(s) => Reply::Moves {
@@ -383,6 +386,28 @@ async fn serve_space(
     }
 }
 
+/// Serve a DM call: in place (the core is in memory), then, if parked, until it is answered
+/// or the client leaves.
+async fn serve_dm(
+    daemon: &Arc<Daemon>,
+    s: &mut Reader,
+    client: u64,
+    req: strata_client::dm::DmRequest,
+    payload: Vec<u8>,
+) -> Option<Reply> {
+    use crate::dm::service::DmStep;
+    match daemon.dm.call(client, req, payload) {
+        DmStep::Done(r) => Some(Reply::Dm(r)),
+        DmStep::Parked(rx) => tokio::select! {
+            r = rx => Some(match r {
+                Ok(r) => Reply::Dm(r),
+                Err(_) => err("internal", Fault::Host, "a parked DM call was dropped"),
+            }),
+            _ = closed(s) => None,
+        },
+    }
+}
+
 async fn serve_conn(daemon: Arc<Daemon>, s: UnixStream) {
     let cred = s.peer_cred().ok();
     let uid = cred.as_ref().map(|c| c.uid());
@@ -396,7 +421,11 @@ async fn serve_conn(daemon: Arc<Daemon>, s: UnixStream) {
     let mut r = tokio::io::BufReader::with_capacity(64 << 10, r);
     serve_requests(&daemon, &mut r, &mut w, uid, caller).await;
     let d = daemon.clone();
-    let _ = tokio::task::spawn_blocking(move || d.spaces.disconnect(caller.client)).await;
+    let _ = tokio::task::spawn_blocking(move || {
+        d.spaces.disconnect(caller.client);
+        d.dm.disconnect(caller.client);
+    })
+    .await;
 }
 
 async fn serve_requests(
@@ -408,6 +437,23 @@ async fn serve_requests(
 ) {
     loop {
         let (reply, data) = match read_frame_async::<Request>(s).await {
+            Ok((Request::Dm(req), payload)) => {
+                if !(uid == Some(0) || uid == Some(daemon.uid)) {
+                    (
+                        err(
+                            "permission",
+                            Fault::Caller,
+                            "DMAPI calls need root or the daemon's user",
+                        ),
+                        vec![],
+                    )
+                } else {
+                    match serve_dm(daemon, s, caller.client, req, payload).await {
+                        Some(r) => (r, vec![]),
+                        None => return,
+                    }
+                }
+            }
             Ok((Request::Space(req), payload)) => {
                 match serve_space(daemon, s, caller, req, payload).await {
                     Some(x) => x,
@@ -487,7 +533,11 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             loop {
                 every.tick().await;
                 let d = d.clone();
-                let _ = tokio::task::spawn_blocking(move || d.spaces.tick()).await;
+                let _ = tokio::task::spawn_blocking(move || {
+                    d.spaces.tick();
+                    d.dm.tick();
+                })
+                .await;
             }
         })
     };

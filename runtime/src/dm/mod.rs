@@ -2,12 +2,13 @@
 //!
 //! [`core`] is the sans-IO state machine of sessions, events, tokens, rights and
 //! dispositions; [`handle`] the opaque, versioned handles (backed by the kernel's file
-//! handles of the backing filesystem). The FUSE capture and the API shell that drive them
-//! come next (issue 4).
+//! handles of the backing filesystem); [`attrs`] what is kept per file; [`service`] the core
+//! behind the local API. The FUSE capture comes next (issue 4).
 
 pub mod attrs;
 pub mod core;
 pub mod handle;
+pub mod service;
 
 pub use strata_client::dm::*;
 

@@ -267,6 +267,26 @@ impl Client {
         Ok((ops::space_reply(reply)?, data))
     }
 
+    /// A DMAPI call (`payload`: the message of `send-msg`). `Ok(Err(e))` is the DMAPI
+    /// error the call failed with.
+    pub fn dm(
+        &mut self,
+        req: &crate::dm::DmRequest,
+        payload: &[u8],
+    ) -> Result<Result<crate::dm::DmReply, crate::dm::DmError>, ClientError> {
+        let (kind, value, _) = self.call(&ops::dm_envelope(req)?, payload)?;
+        if kind != "dm" {
+            return Err(ClientError::Protocol(format!(
+                "expected a dm reply, got {kind:?}"
+            )));
+        }
+        match serde_json::from_value(value) {
+            Ok(crate::dm::DmReply::Error { error }) => Ok(Err(error)),
+            Ok(r) => Ok(Ok(r)),
+            Err(e) => Err(ClientError::Protocol(format!("dm reply: {e}"))),
+        }
+    }
+
     /// Create a space on this host (CREATE_OK / CREATE_EXISTS).
     pub fn create(
         &mut self,

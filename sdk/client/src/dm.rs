@@ -321,3 +321,185 @@ pub struct Message {
     /// Body.
     pub data: EventData,
 }
+
+/// A DM request on the wire: `{"op":"dm","call":...}` (root or the daemon's user only).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "call", rename_all = "kebab-case")]
+pub enum DmRequest {
+    /// dm_create_session (`old` != 0: assume that session).
+    CreateSession {
+        /// Session to assume, or NO_SESSION.
+        #[serde(default)]
+        old: SessionId,
+        /// Session info (at most SESSION_INFO_LEN bytes).
+        info: Vec<u8>,
+    },
+    /// dm_destroy_session.
+    DestroySession {
+        /// Session.
+        sid: SessionId,
+    },
+    /// dm_query_session.
+    QuerySession {
+        /// Session.
+        sid: SessionId,
+    },
+    /// dm_getall_sessions.
+    Sessions,
+    /// dm_getall_tokens.
+    Tokens {
+        /// Session.
+        sid: SessionId,
+    },
+    /// dm_get_events (`wait`: DM_EV_WAIT).
+    GetEvents {
+        /// Session.
+        sid: SessionId,
+        /// At most this many messages.
+        max: u32,
+        /// Block until one arrives.
+        #[serde(default)]
+        wait: bool,
+    },
+    /// dm_find_eventmsg.
+    FindEvent {
+        /// Session.
+        sid: SessionId,
+        /// Token.
+        token: Token,
+    },
+    /// dm_respond_event.
+    Respond {
+        /// Session.
+        sid: SessionId,
+        /// Token.
+        token: Token,
+        /// Answer.
+        response: Response,
+    },
+    /// dm_pending.
+    Pending {
+        /// Session.
+        sid: SessionId,
+        /// Token.
+        token: Token,
+        /// More time, in milliseconds.
+        delay_ms: u64,
+    },
+    /// dm_move_event.
+    MoveEvent {
+        /// Session.
+        sid: SessionId,
+        /// Token.
+        token: Token,
+        /// Target session.
+        target: SessionId,
+    },
+    /// dm_send_msg: the payload is the message; a synchronous one is answered when the
+    /// receiving session responds.
+    SendMsg {
+        /// Target session.
+        sid: SessionId,
+        /// DM_MSG_SYNC.
+        #[serde(default)]
+        sync: bool,
+    },
+    /// dm_request_right (`wait`: DM_RR_WAIT) on an object (its handle).
+    RequestRight {
+        /// Session.
+        sid: SessionId,
+        /// Token.
+        token: Token,
+        /// Object handle.
+        object: Vec<u8>,
+        /// Right wanted.
+        right: Right,
+        /// Queue instead of EAGAIN.
+        #[serde(default)]
+        wait: bool,
+    },
+    /// dm_release_right.
+    ReleaseRight {
+        /// Session.
+        sid: SessionId,
+        /// Token.
+        token: Token,
+        /// Object handle.
+        object: Vec<u8>,
+    },
+    /// dm_upgrade_right.
+    UpgradeRight {
+        /// Session.
+        sid: SessionId,
+        /// Token.
+        token: Token,
+        /// Object handle.
+        object: Vec<u8>,
+    },
+    /// dm_downgrade_right.
+    DowngradeRight {
+        /// Session.
+        sid: SessionId,
+        /// Token.
+        token: Token,
+        /// Object handle.
+        object: Vec<u8>,
+    },
+    /// dm_query_right.
+    QueryRight {
+        /// Session.
+        sid: SessionId,
+        /// Token.
+        token: Token,
+        /// Object handle.
+        object: Vec<u8>,
+    },
+}
+
+/// A DM answer on the wire: `{"reply":"dm","value":{"result":...}}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "kebab-case")]
+pub enum DmReply {
+    /// Done.
+    Ok,
+    /// A session id.
+    Session {
+        /// Session.
+        sid: SessionId,
+    },
+    /// Session info.
+    Info {
+        /// Bytes.
+        info: Vec<u8>,
+    },
+    /// Session ids.
+    Sessions {
+        /// Ids.
+        sids: Vec<SessionId>,
+    },
+    /// Tokens.
+    Tokens {
+        /// Tokens.
+        tokens: Vec<Token>,
+    },
+    /// Event messages.
+    Events {
+        /// Messages.
+        messages: Vec<Message>,
+    },
+    /// A right.
+    Right {
+        /// Right.
+        right: Right,
+    },
+    /// What a synchronous send_msg was answered.
+    Answered {
+        /// The receiving session's response.
+        response: Response,
+    },
+    /// The call failed with this DMAPI error.
+    Error {
+        /// Error.
+        error: DmError,
+    },
+}

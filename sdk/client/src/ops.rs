@@ -49,16 +49,26 @@ pub enum ClientError {
     Lease(String),
 }
 
-/// A space request as it goes on the wire: `{"op":"space", "call": ..., ...}`.
-pub(crate) fn envelope(req: &SpaceRequest) -> Result<serde_json::Value, ClientError> {
+/// A request as it goes on the wire: `{"op": <op>, "call": ..., ...}`.
+fn envelope_as<T: Serialize>(op: &str, req: &T) -> Result<serde_json::Value, ClientError> {
     let mut v = serde_json::to_value(req).map_err(|e| ClientError::Protocol(e.to_string()))?;
     match v.as_object_mut() {
         Some(m) => {
-            m.insert("op".into(), "space".into());
+            m.insert("op".into(), op.into());
             Ok(v)
         }
         None => Err(ClientError::Protocol("request is not an object".into())),
     }
+}
+
+/// A space request on the wire.
+pub(crate) fn envelope(req: &SpaceRequest) -> Result<serde_json::Value, ClientError> {
+    envelope_as("space", req)
+}
+
+/// A DM request on the wire.
+pub(crate) fn dm_envelope(req: &crate::dm::DmRequest) -> Result<serde_json::Value, ClientError> {
+    envelope_as("dm", req)
 }
 
 /// A reply header: `{"reply": "<kind>", "value": ...}`; an error reply becomes `Err`.
