@@ -34,6 +34,8 @@ pub enum Output {
     Events {
         /// Waiter.
         waiter: WaiterId,
+        /// Its session.
+        session: SessionId,
         /// Messages.
         messages: Vec<Message>,
     },
@@ -193,6 +195,7 @@ impl Core {
             .into_iter()
             .map(|(waiter, _)| Output::Events {
                 waiter,
+                session: sid,
                 messages: vec![],
             })
             .collect())
@@ -385,7 +388,11 @@ impl Core {
                 return out;
             };
             let messages = self.take_messages(sid, max);
-            out.push(Output::Events { waiter, messages });
+            out.push(Output::Events {
+                waiter,
+                session: sid,
+                messages,
+            });
         }
     }
 
@@ -411,6 +418,24 @@ impl Core {
             };
         }
         Ok(Some(self.take_messages(sid, max)))
+    }
+
+    /// Messages taken for a caller that left before getting them go back to the front of
+    /// the session's queue (events that ended meanwhile are dropped).
+    pub fn undeliver(&mut self, sid: SessionId, messages: Vec<Message>) -> Vec<Output> {
+        let Some(s) = self.sessions.get_mut(&sid) else {
+            return vec![];
+        };
+        for m in messages.into_iter().rev() {
+            if m.token != INVALID_TOKEN {
+                match self.events.get_mut(&m.token) {
+                    Some(e) if e.session == sid => e.delivered = false,
+                    _ => continue,
+                }
+            }
+            s.queue.push_front(m);
+        }
+        self.feed_waiters(sid)
     }
 
     /// A parked get_events gave up (its caller left).
@@ -838,7 +863,7 @@ mod tests {
         let (r, out) = c.raise(7, EventType::Read, data(b"f"), 9);
         let Raised::Blocked(t) = r else { panic!() };
         assert!(
-            matches!(&out[..], [Output::Events { waiter, messages }] if *waiter == w && messages[0].token == t)
+            matches!(&out[..], [Output::Events { waiter, messages, .. }] if *waiter == w && messages[0].token == t)
         );
         c.pending(s, t, 5000).unwrap();
         assert!(c.tick(1500).is_empty(), "pending moved the deadline");
@@ -910,6 +935,36 @@ mod tests {
                 response: Response::Continue
             }]
         );
+    }
+
+    #[test]
+    fn messages_taken_for_a_caller_that_left_are_not_lost() {
+        let (mut c, s) = core();
+        c.raise(7, EventType::Postcreate, data(b"a"), 1);
+        let (r, _) = c.raise(7, EventType::Read, data(b"f"), 2);
+        let Raised::Blocked(t) = r else { panic!() };
+        let m = c.get_events(s, 5, None).unwrap().unwrap();
+        let w = c.waiter();
+        assert_eq!(c.get_events(s, 5, Some(w)), Ok(None));
+        // the first caller vanished with its messages: back in order, to the next waiter
+        let out = c.undeliver(s, m.clone());
+        assert_eq!(
+            out,
+            vec![Output::Events {
+                waiter: w,
+                session: s,
+                messages: m
+            }]
+        );
+        c.respond(s, t, Response::Continue).unwrap();
+        // an event that ended meanwhile is not handed out again
+        assert!(c.undeliver(s, vec![]).is_empty());
+        let (r, _) = c.raise(7, EventType::Read, data(b"g"), 3);
+        let Raised::Blocked(t2) = r else { panic!() };
+        let m = c.get_events(s, 5, None).unwrap().unwrap();
+        c.respond(s, t2, Response::Continue).unwrap();
+        c.undeliver(s, m);
+        assert_eq!(c.get_events(s, 5, None), Err(DmError::Eagain));
     }
 
     #[test]

@@ -83,9 +83,23 @@ impl Dm {
                         let _ = tx.send(DmReply::Answered { response });
                     }
                 }
-                Output::Events { waiter, messages } => {
-                    if let Some((_, tx)) = g.wakers.remove(&waiter) {
-                        let _ = tx.send(DmReply::Events { messages });
+                Output::Events {
+                    waiter,
+                    session,
+                    messages,
+                } => {
+                    let undelivered = match g.wakers.remove(&waiter) {
+                        Some((_, tx)) => match tx.send(DmReply::Events { messages }) {
+                            Ok(()) => None,
+                            Err(DmReply::Events { messages }) => Some(messages),
+                            Err(_) => None,
+                        },
+                        None => Some(messages),
+                    };
+                    // the caller left: the messages are not lost
+                    if let Some(m) = undelivered.filter(|m| !m.is_empty()) {
+                        let more = g.core.undeliver(session, m);
+                        Self::apply(g, more);
                     }
                 }
                 Output::Right { waiter, result } => {
