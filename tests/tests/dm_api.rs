@@ -250,3 +250,52 @@ fn nobody_helper() {
         other => println!("UNEXPECTED {other:?}"),
     }
 }
+
+#[test]
+fn sessions_survive_a_daemon_restart_and_old_tokens_are_esrch() {
+    let mut d = Daemon::start();
+    let mut app = Client::connect(d.socket()).unwrap();
+    let sid = session(&mut app, b"durable app");
+    let sender = send_sync(&d, sid, b"in flight");
+    let token = events(&mut app, sid, true).unwrap()[0].token;
+    drop(app);
+    d.kill9_and_restart();
+    // the sender's operation died with the daemon
+    assert!(
+        sender.join().is_err(),
+        "the blocked sender sees its connection fail"
+    );
+    let mut app = Client::connect(d.socket()).unwrap();
+    assert_eq!(
+        call(&mut app, DmRequest::QuerySession { sid }),
+        Ok(DmReply::Info {
+            info: b"durable app".to_vec()
+        })
+    );
+    assert_eq!(
+        call(
+            &mut app,
+            DmRequest::Respond {
+                sid,
+                token,
+                response: Response::Continue
+            }
+        ),
+        Err(DmError::Esrch),
+        "a token of the earlier run is not outstanding"
+    );
+    assert_eq!(events(&mut app, sid, false), Err(DmError::Eagain));
+    let other = session(&mut app, b"new");
+    assert!(other > sid);
+    assert_eq!(
+        call(&mut app, DmRequest::DestroySession { sid }),
+        Ok(DmReply::Ok)
+    );
+    d.restart();
+    let mut app = Client::connect(d.socket()).unwrap();
+    assert_eq!(
+        call(&mut app, DmRequest::Sessions),
+        Ok(DmReply::Sessions { sids: vec![other] })
+    );
+    assert!(d.stop());
+}

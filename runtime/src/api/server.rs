@@ -87,7 +87,7 @@ impl Daemon {
             cfg.socket.clone(),
             uid,
         )?;
-        let dm = crate::dm::service::Dm::new(&cfg.dm);
+        let dm = crate::dm::service::Dm::open(&cfg.dm, store.db())?;
         let d = Daemon {
             cfg,
             host,

@@ -95,6 +95,8 @@ pub struct Core {
     locks: HashMap<Vec<u8>, ObjectLock>,
     next_session: u64,
     next_token: u64,
+    /// Tokens below this were issued by an earlier run of the daemon: ESRCH.
+    token_floor: u64,
     next_waiter: u64,
     now: u64,
     timeout_ms: u64,
@@ -115,11 +117,39 @@ impl Core {
             locks: HashMap::new(),
             next_session: 1,
             next_token: 1,
+            token_floor: 0,
             next_waiter: 1,
             now: 0,
             timeout_ms,
             timeout_errno,
         }
+    }
+
+    /// Bring back a session recorded by an earlier run (no events: those died with it).
+    pub fn restore_session(&mut self, sid: SessionId, info: Vec<u8>) {
+        self.next_session = self.next_session.max(sid + 1);
+        self.sessions.insert(
+            sid,
+            Session {
+                info,
+                queue: VecDeque::new(),
+                tokens: BTreeSet::new(),
+                waiters: VecDeque::new(),
+                next_seq: 1,
+            },
+        );
+    }
+
+    /// Tokens issued from now on start at `floor`; those below it belonged to an earlier
+    /// run and answer ESRCH.
+    pub fn set_token_floor(&mut self, floor: u64) {
+        self.token_floor = self.token_floor.max(floor);
+        self.next_token = self.next_token.max(floor);
+    }
+
+    /// The next token this core will issue.
+    pub fn next_token(&self) -> u64 {
+        self.next_token
     }
 
     /// Advance the clock (ms, monotonic).
@@ -457,6 +487,7 @@ impl Core {
             Some(e) if e.session == sid => Ok(e),
             Some(_) => Err(DmError::Einval),
             None if self.ended.contains(&token) => Err(DmError::Esrch),
+            None if token != INVALID_TOKEN && token < self.token_floor => Err(DmError::Esrch),
             None => Err(DmError::Einval),
         }
     }
@@ -965,6 +996,29 @@ mod tests {
         c.respond(s, t2, Response::Continue).unwrap();
         c.undeliver(s, m);
         assert_eq!(c.get_events(s, 5, None), Err(DmError::Eagain));
+    }
+
+    #[test]
+    fn tokens_of_an_earlier_run_are_esrch_and_sessions_come_back() {
+        let mut c = Core::new(1000, libc::ETIMEDOUT);
+        c.restore_session(5, b"kept".to_vec());
+        c.set_token_floor(1 << 20);
+        assert_eq!(c.query_session(5).unwrap(), b"kept");
+        assert_eq!(c.respond(5, 17, Response::Continue), Err(DmError::Esrch));
+        assert_eq!(
+            c.respond(5, (1 << 20) + 5, Response::Continue),
+            Err(DmError::Einval)
+        );
+        assert_eq!(
+            c.respond(5, INVALID_TOKEN, Response::Continue),
+            Err(DmError::Einval)
+        );
+        assert_eq!(c.create_session(NO_SESSION, b"new").unwrap(), 6);
+        c.set_disp(5, 1, EventSet::of(&[EventType::Read])).unwrap();
+        match c.raise(1, EventType::Read, data(b"f"), 1).0 {
+            Raised::Blocked(t) => assert!(t >= 1 << 20),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

@@ -4,8 +4,9 @@
 
 use super::core::{Core, OpId, Output, Raised, WaiterId};
 use super::{DmError, DmReply, DmRequest, Token};
+use redb::{ReadableDatabase, ReadableTable};
 use std::collections::HashMap;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 use tokio::sync::oneshot;
 
@@ -28,6 +29,12 @@ impl Default for DmConfig {
     }
 }
 
+const SESSIONS: redb::TableDefinition<u64, &[u8]> = redb::TableDefinition::new("dm_sessions");
+const META: redb::TableDefinition<&str, u64> = redb::TableDefinition::new("dm_meta");
+/// Tokens are reserved on disk in blocks of this many, so that a restarted daemon knows
+/// which tokens an earlier run issued (ESRCH) without a write per event.
+const TOKEN_BLOCK: u64 = 1 << 20;
+
 /// A parked call's outcome.
 pub type Parked = oneshot::Receiver<DmReply>;
 
@@ -46,25 +53,84 @@ struct Inner {
     /// Blocked synchronous send_msg calls: op -> (client, token, answer).
     ops: HashMap<OpId, (u64, Token, oneshot::Sender<DmReply>)>,
     next_op: OpId,
+    /// Tokens below this are reserved on disk.
+    reserved: u64,
 }
 
-/// The daemon's DM service.
+/// The daemon's DM service. Sessions (id and info) are recorded in the daemon's redb
+/// (`dm_sessions`) and come back after a restart, without their events.
 pub struct Dm {
     inner: Mutex<Inner>,
     epoch: Instant,
+    db: Arc<redb::Database>,
 }
 
 impl Dm {
-    /// A DM service with no sessions.
-    pub fn new(cfg: &DmConfig) -> Dm {
-        Dm {
+    /// The DM service, with the sessions recorded in `db`.
+    pub fn open(cfg: &DmConfig, db: Arc<redb::Database>) -> anyhow::Result<Dm> {
+        let mut core = Core::new(cfg.event_timeout_ms, cfg.timeout_errno);
+        let w = db.begin_write()?;
+        w.open_table(SESSIONS)?;
+        let reserved_before = w
+            .open_table(META)?
+            .get("token_reserved")?
+            .map(|v| v.value());
+        w.commit()?;
+        let r = db.begin_read()?;
+        for item in r.open_table(SESSIONS)?.iter()? {
+            let (k, v) = item?;
+            core.restore_session(k.value(), v.value().to_vec());
+        }
+        drop(r);
+        let floor = reserved_before.unwrap_or(1);
+        core.set_token_floor(floor);
+        let dm = Dm {
             inner: Mutex::new(Inner {
-                core: Core::new(cfg.event_timeout_ms, cfg.timeout_errno),
+                core,
                 wakers: HashMap::new(),
                 ops: HashMap::new(),
                 next_op: 1,
+                reserved: floor,
             }),
             epoch: Instant::now(),
+            db,
+        };
+        dm.reserve_tokens(&mut dm.lock())?;
+        Ok(dm)
+    }
+
+    /// Keep the on-disk reservation ahead of the tokens issued.
+    fn reserve_tokens(&self, g: &mut Inner) -> anyhow::Result<()> {
+        if g.core.next_token() + TOKEN_BLOCK / 2 < g.reserved {
+            return Ok(());
+        }
+        let reserved = g.core.next_token() + TOKEN_BLOCK;
+        let w = self.db.begin_write()?;
+        w.open_table(META)?.insert("token_reserved", reserved)?;
+        w.commit()?;
+        g.reserved = reserved;
+        Ok(())
+    }
+
+    fn record_session(&self, sid: u64, info: Option<&[u8]>) {
+        let r = (|| -> anyhow::Result<()> {
+            let w = self.db.begin_write()?;
+            {
+                let mut t = w.open_table(SESSIONS)?;
+                match info {
+                    Some(i) => {
+                        t.insert(sid, i)?;
+                    }
+                    None => {
+                        t.remove(sid)?;
+                    }
+                }
+            }
+            w.commit()?;
+            Ok(())
+        })();
+        if let Err(e) = r {
+            tracing::error!(session = sid, "cannot record DM session: {e}");
         }
     }
 
@@ -126,11 +192,14 @@ impl Dm {
         let mut g = self.lock();
         let g = &mut *g;
         let r: Result<DmReply, DmError> = match req {
-            DmRequest::CreateSession { old, info } => g
-                .core
-                .create_session(old, &info)
-                .map(|sid| DmReply::Session { sid }),
+            DmRequest::CreateSession { old, info } => {
+                g.core.create_session(old, &info).map(|sid| {
+                    self.record_session(sid, Some(&info));
+                    DmReply::Session { sid }
+                })
+            }
             DmRequest::DestroySession { sid } => g.core.destroy_session(sid).map(|out| {
+                self.record_session(sid, None);
                 Self::apply(g, out);
                 DmReply::Ok
             }),
@@ -187,6 +256,12 @@ impl Dm {
             DmRequest::SendMsg { sid, sync } => {
                 let op = g.next_op;
                 g.next_op += 1;
+                if let Err(e) = self.reserve_tokens(g) {
+                    tracing::error!("cannot reserve DM tokens: {e}");
+                    return DmStep::Done(DmReply::Error {
+                        error: DmError::Enomem,
+                    });
+                }
                 match g.core.send_msg(sid, sync, payload, op) {
                     Ok((Raised::Blocked(token), out)) => {
                         let (tx, rx) = oneshot::channel();
