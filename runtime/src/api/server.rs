@@ -151,11 +151,6 @@ impl Daemon {
         &self.host
     }
 
-    /// The chunk spaces.
-    pub fn spaces(&self) -> &Spaces {
-        &self.spaces
-    }
-
     fn default_settings(&self) -> SlotSettings {
         SlotSettings {
             deadline_ms: self.cfg.plugins.deadline_ms,
@@ -321,8 +316,8 @@ async fn closed(s: &mut Reader) {
     let _ = s.read(&mut b).await;
 }
 
-/// Serve a space request: first step on a blocking thread, then (if parked) wait for the
-/// wake-up or the client's departure.
+/// Serve a space request: the first step (inline or on a blocking thread), then, if
+/// parked, wait for the wake-up or the client's departure.
 async fn serve_space(
     daemon: &Arc<Daemon>,
     s: &mut Reader,

@@ -654,12 +654,7 @@ impl Core {
         }
         let lock = self.locks.entry(object.to_vec()).or_default();
         if compatible(lock, token, right) {
-            lock.holders.insert(token, right);
-            self.events
-                .get_mut(&token)
-                .expect("outstanding")
-                .rights
-                .insert(object.to_vec(), right);
+            self.hold(token, object, right);
             return Ok(true);
         }
         match wait {
@@ -705,16 +700,14 @@ impl Core {
             Some(Right::Shared) => {}
             _ => return Err(DmError::Eacces),
         }
-        let lock = self.locks.entry(object.to_vec()).or_default();
-        if lock.holders.keys().any(|t| *t != token) {
+        let others = self
+            .locks
+            .get(object)
+            .is_some_and(|l| l.holders.keys().any(|t| *t != token));
+        if others {
             return Err(DmError::Eagain);
         }
-        lock.holders.insert(token, Right::Excl);
-        self.events
-            .get_mut(&token)
-            .expect("outstanding")
-            .rights
-            .insert(object.to_vec(), Right::Excl);
+        self.hold(token, object, Right::Excl);
         Ok(())
     }
 
@@ -729,14 +722,7 @@ impl Core {
         if self.events[&token].rights.get(object) != Some(&Right::Excl) {
             return Err(DmError::Eacces);
         }
-        self.events
-            .get_mut(&token)
-            .expect("outstanding")
-            .rights
-            .insert(object.to_vec(), Right::Shared);
-        if let Some(l) = self.locks.get_mut(object) {
-            l.holders.insert(token, Right::Shared);
-        }
+        self.hold(token, object, Right::Shared);
         Ok(self.grant_waiting(object))
     }
 
@@ -753,6 +739,18 @@ impl Core {
             .get(object)
             .copied()
             .unwrap_or(Right::Null))
+    }
+
+    /// Record that `token` holds `right` on `object` (in the object's lock and the event).
+    fn hold(&mut self, token: Token, object: &[u8], right: Right) {
+        self.locks
+            .entry(object.to_vec())
+            .or_default()
+            .holders
+            .insert(token, right);
+        if let Some(e) = self.events.get_mut(&token) {
+            e.rights.insert(object.to_vec(), right);
+        }
     }
 
     fn unlock(&mut self, object: &[u8], token: Token) -> Vec<Output> {

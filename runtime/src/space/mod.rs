@@ -269,9 +269,7 @@ impl Spaces {
         };
         match Region::create(&path, meta.geometry(), meta.generation, access) {
             Ok(r) => {
-                if let Some(old) = g.regions.insert(meta.name.clone(), Arc::new(r)) {
-                    drop(old);
-                }
+                g.regions.insert(meta.name.clone(), Arc::new(r));
             }
             Err(e) => {
                 tracing::error!(space = %meta.name, path = %path.display(), "cannot create the chunk cache region: {e}")
@@ -337,37 +335,35 @@ impl Spaces {
         Step::Parked { rx, then }
     }
 
-    /// Whether a request is short and in memory (may run on an async worker): reads,
-    /// lists, lease grants, and writes of up to 4 MiB to volatile spaces. Anything that may
-    /// fsync, exec or load from disk is not.
+    /// Whether a request is short (may run on an async worker): reads, lists, lease grants,
+    /// and writes of up to 4 MiB to volatile spaces. Requests that fsync or exec are not. (A
+    /// read of a durable chunk evicted from the cache loads it from disk in place.)
     pub fn runs_inline(&self, req: &SpaceRequest) -> bool {
         const SMALL: u64 = 4 << 20;
-        let volatile = |space: &str| {
-            self.lock()
-                .core
-                .space_meta(space)
-                .is_some_and(|m| m.volatile)
-        };
-        match req {
+        let space = match req {
             SpaceRequest::Read { .. }
             | SpaceRequest::Wait { .. }
             | SpaceRequest::Hosts { .. }
             | SpaceRequest::Chunks { .. }
             | SpaceRequest::Cache { .. }
             | SpaceRequest::StartWrite { keep: false, .. }
-            | SpaceRequest::AbortWrite { .. } => true,
-            SpaceRequest::StartWrite { space, .. } => volatile(space),
-            SpaceRequest::Write { space, .. } => volatile(space),
-            SpaceRequest::StopWrite { lease, len } => {
-                *len <= SMALL && {
-                    let g = self.lock();
-                    let space = g.core.lease_space(*lease).map(str::to_string);
-                    drop(g);
-                    space.is_some_and(|s| volatile(&s))
-                }
+            | SpaceRequest::AbortWrite { .. } => return true,
+            SpaceRequest::StartWrite { space, .. } | SpaceRequest::Write { space, .. } => {
+                Some(space.as_str())
             }
-            _ => false,
-        }
+            SpaceRequest::StopWrite { len, .. } if *len > SMALL => return false,
+            SpaceRequest::StopWrite { .. } => None,
+            _ => return false,
+        };
+        let g = self.lock();
+        let space = match (space, req) {
+            (Some(s), _) => Some(s),
+            (None, SpaceRequest::StopWrite { lease, .. }) => g.core.lease_space(*lease),
+            _ => None,
+        };
+        space
+            .and_then(|s| g.core.space_meta(s))
+            .is_some_and(|m| m.volatile)
     }
 
     /// Serve the first step of a request. Blocking (copies, fsync): call from a blocking
@@ -745,39 +741,38 @@ impl Spaces {
         };
         let result = (|| -> Result<(u64, u32), Reason> {
             let region = region?;
-            let (len, crc, data) = match payload {
+            let over = || fail(ReasonKind::TooLarge, "length over the slot size");
+            // the bytes to store (durable spaces) and their checksum; a lease's buffer in
+            // the slot is copied out only when it must go to disk
+            let (crc, copied) = match payload {
                 Some(p) => {
                     if !region.write_slot(plan.slot, 0, p) {
-                        return Err(fail(ReasonKind::TooLarge, "chunk larger than the slot"));
+                        return Err(over());
                     }
-                    (plan.len, crc32c::crc32c(p), None)
+                    (crc32c::crc32c(p), None)
                 }
-                None => {
-                    let len = plan.len;
+                None if plan.durable => {
                     let mut buf = Vec::new();
-                    if !region.read_slot(plan.slot, len, &mut buf) {
-                        return Err(fail(ReasonKind::TooLarge, "length over the slot size"));
+                    if !region.read_slot(plan.slot, plan.len, &mut buf) {
+                        return Err(over());
                     }
-                    (len, crc32c::crc32c(&buf), Some(buf))
+                    (crc32c::crc32c(&buf), Some(buf))
                 }
+                None => (region.slot_crc(plan.slot, plan.len).ok_or_else(over)?, None),
             };
             if plan.durable {
                 let meta = ChunkMeta {
                     version: plan.version,
                     valid: true,
-                    len,
+                    len: plan.len,
                     crc,
                 };
-                let bytes: &[u8] = match (&data, payload) {
-                    (Some(b), _) => b,
-                    (None, Some(p)) => p,
-                    (None, None) => &[],
-                };
+                let bytes = copied.as_deref().or(payload).unwrap_or_default();
                 self.durable
                     .put_chunk(&plan.space, &plan.chunk, &meta, bytes)
                     .map_err(io_reason)?;
             }
-            Ok((len, crc))
+            Ok((plan.len, crc))
         })();
         let mut g = self.lock();
         let (r, fx) = g.core.finish_stop(&plan, result);

@@ -139,15 +139,17 @@ impl WriteLease {
             v[..n].copy_from_slice(&data[..n]);
         }
     }
+    /// Id, length and what stop_write sends: nothing for a slot written in place, the
+    /// local buffer (moved, not copied) otherwise.
     pub(crate) fn into_wire(self) -> (u64, u64, Vec<u8>) {
-        let payload = self.payload().to_vec();
+        let payload = match self.buf {
+            LeaseBuf::Shared(_) => Vec::new(),
+            LeaseBuf::Local(mut v) => {
+                v.truncate(self.len);
+                v
+            }
+        };
         (self.id, self.len as u64, payload)
-    }
-    fn payload(&self) -> &[u8] {
-        match &self.buf {
-            LeaseBuf::Shared(_) => &[],
-            LeaseBuf::Local(v) => &v[..self.len],
-        }
     }
 }
 
