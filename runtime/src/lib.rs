@@ -12,6 +12,7 @@
 pub mod api;
 pub mod config;
 pub mod dm;
+pub mod fs;
 pub mod plugin;
 pub mod space;
 pub mod store;

@@ -7,6 +7,8 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// A built binary of the workspace.
@@ -50,6 +52,36 @@ pub struct Daemon {
     pub shm: PathBuf,
     _tmp: Option<tempfile::TempDir>,
     _shm: Option<tempfile::TempDir>,
+    /// The current daemon pid, for the watchdog.
+    pid_cell: Arc<AtomicU32>,
+    /// Set when the daemon is dropped: the watchdog stops.
+    done: Arc<AtomicBool>,
+}
+
+/// FUSE mounts (from /proc/self/mounts) under `dir`.
+pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
+    std::fs::read_to_string("/proc/self/mounts")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split(' ').nth(1))
+        .map(|p| PathBuf::from(p.replace("\\040", " ")))
+        .filter(|p| p.starts_with(dir))
+        .collect()
+}
+
+/// Detach (lazily unmount) every mount under `dir`.
+pub fn detach_under(dir: &Path) {
+    for m in mounts_under(dir) {
+        let _ = Command::new("umount").arg("-l").arg(&m).status();
+    }
+}
+
+/// A managed filesystem mounted by a test daemon: its backing directory and mount point.
+pub struct Mounted {
+    /// The backing directory.
+    pub backing: PathBuf,
+    /// The mount point.
+    pub mnt: PathBuf,
 }
 
 impl Daemon {
@@ -91,9 +123,51 @@ impl Daemon {
             shm: shm_dir,
             _tmp: Some(tmp),
             _shm: Some(shm),
+            pid_cell: Arc::new(AtomicU32::new(0)),
+            done: Arc::new(AtomicBool::new(false)),
         };
         d.spawn();
+        d.watchdog();
         d
+    }
+
+    /// A test that hangs (a FUSE mount waiting on a daemon that never answers) must fail,
+    /// not hang CI: after STRATA_TEST_WATCHDOG_S (default 300) seconds the daemon is killed
+    /// and its mounts detached, so every blocked file operation fails.
+    fn watchdog(&self) {
+        let secs = std::env::var("STRATA_TEST_WATCHDOG_S")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(300u64);
+        let (pid, done, dir) = (self.pid_cell.clone(), self.done.clone(), self.dir.clone());
+        std::thread::spawn(move || {
+            let until = Instant::now() + Duration::from_secs(secs);
+            while Instant::now() < until {
+                if done.load(Ordering::Relaxed) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            eprintln!("WATCHDOG: test still running after {secs} s: killing stratad and detaching its mounts");
+            signal(pid.load(Ordering::Relaxed), "KILL");
+            detach_under(&dir);
+        });
+    }
+
+    /// Mount a managed filesystem: a new backing directory `NAME.back` (filled by `fill`
+    /// before mounting) at `NAME.mnt`, both in the daemon's directory.
+    pub fn mount(&self, name: &str, extra: &[&str], fill: impl FnOnce(&Path)) -> Mounted {
+        let backing = self.dir.join(format!("{name}.back"));
+        let mnt = self.dir.join(format!("{name}.mnt"));
+        std::fs::create_dir_all(&backing).expect("backing dir");
+        std::fs::create_dir_all(&mnt).expect("mount point");
+        fill(&backing);
+        let b = backing.display().to_string();
+        let m = mnt.display().to_string();
+        let mut args = vec!["fs", "mount", b.as_str(), m.as_str()];
+        args.extend_from_slice(extra);
+        self.ok(&args);
+        Mounted { backing, mnt }
     }
 
     /// The daemon's pid.
@@ -139,6 +213,7 @@ impl Daemon {
             .stderr(log)
             .spawn()
             .expect("start stratad");
+        self.pid_cell.store(child.id(), Ordering::Relaxed);
         self.child = Some(child);
         let t0 = Instant::now();
         while t0.elapsed() < Duration::from_secs(30) {
@@ -217,10 +292,13 @@ fn signal(pid: u32, sig: &str) {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
+        self.done.store(true, Ordering::Relaxed);
+        detach_under(&self.dir);
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
         }
+        detach_under(&self.dir);
     }
 }
 

@@ -69,7 +69,7 @@ fn sessions_user_events_and_tokens() {
         Err(DmError::Einval)
     );
     assert_eq!(
-        call(&mut app, DmRequest::Sessions),
+        call(&mut app, DmRequest::Sessions { nelem: None }),
         Ok(DmReply::Sessions { sids: vec![sid] })
     );
     // nothing queued: EAGAIN without DM_EV_WAIT
@@ -96,7 +96,7 @@ fn sessions_user_events_and_tokens() {
     let token = m[0].token;
     assert_ne!(token, INVALID_TOKEN);
     assert_eq!(
-        call(&mut app, DmRequest::Tokens { sid }),
+        call(&mut app, DmRequest::Tokens { sid, nelem: None }),
         Ok(DmReply::Tokens {
             tokens: vec![token]
         })
@@ -245,7 +245,7 @@ fn nobody_helper() {
         return; // only meaningful as the child of dmapi_needs_privilege
     };
     let mut c = Client::connect(sock).unwrap();
-    match c.dm(&DmRequest::Sessions, b"") {
+    match c.dm(&DmRequest::Sessions { nelem: None }, b"") {
         Err(strata_client::ClientError::Api(e)) => println!("REFUSED {}", e.kind),
         other => println!("UNEXPECTED {other:?}"),
     }
@@ -294,7 +294,7 @@ fn sessions_survive_a_daemon_restart_and_old_tokens_are_esrch() {
     d.restart();
     let mut app = Client::connect(d.socket()).unwrap();
     assert_eq!(
-        call(&mut app, DmRequest::Sessions),
+        call(&mut app, DmRequest::Sessions { nelem: None }),
         Ok(DmReply::Sessions { sids: vec![other] })
     );
     assert!(d.stop());

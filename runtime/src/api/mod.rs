@@ -94,6 +94,26 @@ pub enum Request {
     /// A DMAPI call (`{"op":"dm","call":...}`; see `strata_client::dm`). Root or the
     /// daemon's user only.
     Dm(strata_client::dm::DmRequest),
+    /// Mount a managed filesystem (`strata fs mount`).
+    FsMount {
+        /// Backing directory.
+        backing: std::path::PathBuf,
+        /// Mount point.
+        mountpoint: std::path::PathBuf,
+        /// Read-only.
+        #[serde(default)]
+        read_only: bool,
+    },
+    /// Unmount one (`strata fs umount`), by mount point or backing directory.
+    FsUmount {
+        /// Mount point or backing directory.
+        target: std::path::PathBuf,
+        /// Detach even if busy.
+        #[serde(default)]
+        force: bool,
+    },
+    /// The managed filesystems.
+    FsList,
 }
 
 impl Request {
@@ -103,6 +123,8 @@ impl Request {
             self,
             Request::PluginState { .. }
                 | Request::Dm(_)
+                | Request::FsMount { .. }
+                | Request::FsUmount { .. }
                 | Request::PluginLoad { .. }
                 | Request::PluginSwap { .. }
                 | Request::PluginRollback { .. }
@@ -171,6 +193,12 @@ pub enum Reply {
     Space(SpaceReply),
     /// A DMAPI answer.
     Dm(strata_client::dm::DmReply),
+    /// A filesystem was mounted.
+    Mounted(crate::fs::MountInfo),
+    /// A filesystem was unmounted.
+    Unmounted,
+    /// The managed filesystems.
+    Filesystems(Vec<crate::fs::MountInfo>),
     /// A rebalance answer.
     Moves {
         /// Copies to move.

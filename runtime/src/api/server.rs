@@ -24,7 +24,8 @@ pub struct Daemon {
     cfg: Config,
     host: PluginHost,
     spaces: Spaces,
-    dm: crate::dm::service::Dm,
+    dm: Arc<crate::dm::service::Dm>,
+    mounts: Arc<crate::fs::Mounts>,
     store: Store,
     started: Instant,
     uid: u32,
@@ -36,6 +37,15 @@ fn err(kind: &str, fault: Fault, message: impl ToString) -> Reply {
         fault,
         message: message.to_string(),
         errno: None,
+    })
+}
+
+fn fs_err(e: crate::fs::FsError) -> Reply {
+    Reply::Error(ApiError {
+        kind: "fs".into(),
+        fault: Fault::Caller,
+        message: e.message,
+        errno: Some(e.errno),
     })
 }
 
@@ -87,12 +97,14 @@ impl Daemon {
             cfg.socket.clone(),
             uid,
         )?;
-        let dm = crate::dm::service::Dm::open(&cfg.dm, store.db())?;
+        let dm = Arc::new(crate::dm::service::Dm::open(&cfg.dm, store.db())?);
+        let mounts = Arc::new(crate::fs::Mounts::new(dm.clone()));
         let d = Daemon {
             cfg,
             host,
             spaces,
             dm,
+            mounts,
             store,
             started: Instant::now(),
             uid,
@@ -276,6 +288,19 @@ impl Daemon {
                 },
                 Err(e) => call_err(e),
             },
+            Request::FsMount {
+                backing,
+                mountpoint,
+                read_only,
+            } => match self.mounts.mount(&backing, &mountpoint, read_only) {
+                Ok(m) => Reply::Mounted(m),
+                Err(e) => fs_err(e),
+            },
+            Request::FsUmount { target, force } => match self.mounts.umount(&target, force) {
+                Ok(()) => Reply::Unmounted,
+                Err(e) => fs_err(e),
+            },
+            Request::FsList => Reply::Filesystems(self.mounts.list()),
             Request::Space(_) | Request::Dm(_) => err(
                 "protocol",
                 Fault::Caller,
@@ -389,15 +414,27 @@ async fn serve_dm(
     client: u64,
     req: strata_client::dm::DmRequest,
     payload: Vec<u8>,
-) -> Option<Reply> {
+) -> Option<(Reply, Vec<u8>)> {
     use crate::dm::service::DmStep;
+    if req.is_object_call() {
+        let m = daemon.mounts.clone();
+        return Some(
+            match tokio::task::spawn_blocking(move || m.call(req, payload)).await {
+                Ok((r, data)) => (Reply::Dm(r), data),
+                Err(e) => (
+                    err("internal", Fault::Host, format!("DM call failed: {e}")),
+                    vec![],
+                ),
+            },
+        );
+    }
     match daemon.dm.call(client, req, payload) {
-        DmStep::Done(r) => Some(Reply::Dm(r)),
+        DmStep::Done(r) => Some((Reply::Dm(r), vec![])),
         DmStep::Parked(rx) => tokio::select! {
-            r = rx => Some(match r {
+            r = rx => Some((match r {
                 Ok(r) => Reply::Dm(r),
                 Err(_) => err("internal", Fault::Host, "a parked DM call was dropped"),
-            }),
+            }, vec![])),
             _ = closed(s) => None,
         },
     }
@@ -444,7 +481,7 @@ async fn serve_requests(
                     )
                 } else {
                     match serve_dm(daemon, s, caller.client, req, payload).await {
-                        Some(r) => (r, vec![]),
+                        Some(x) => x,
                         None => return,
                     }
                 }
@@ -520,6 +557,12 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o666))?;
     }
     tracing::info!(socket = %socket.display(), host = daemon.spaces.host(), "stratad serving");
+    {
+        // managed filesystems mounted when the daemon stopped come back (their MOUNT
+        // events can be answered now that the socket is up)
+        let m = daemon.mounts.clone();
+        tokio::task::spawn_blocking(move || m.restore());
+    }
     let ticker = {
         let d = daemon.clone();
         tokio::spawn(async move {
@@ -552,5 +595,6 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     ticker.abort();
     let _ = std::fs::remove_file(&socket);
     daemon.spaces.shutdown();
+    daemon.mounts.shutdown();
     Ok(())
 }

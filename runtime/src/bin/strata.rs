@@ -6,6 +6,8 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use strata_runtime::api::client::{Client, ClientError};
 use strata_runtime::api::{cache_word, Reply, Request};
+#[path = "../cli/fs.rs"]
+mod fs;
 #[path = "../cli/spaces.rs"]
 mod spaces;
 
@@ -42,6 +44,9 @@ enum Cmd {
     /// Chunks: read, write, wait, invalidate.
     #[command(subcommand)]
     Chunk(spaces::ChunkCmd),
+    /// Managed filesystems: mount, umount, list.
+    #[command(subcommand)]
+    Fs(fs::FsCmd),
     /// Start an allow-listed program on a host of a space, as you.
     Spawn {
         /// Space.
@@ -338,6 +343,7 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
         }
         Cmd::Plugin(p) => plugin(cli, p)?,
         Cmd::Space(c) => spaces::space(&cli.socket, c)?,
+        Cmd::Fs(c) => fs::fs(&mut connect(cli)?, c)?,
         Cmd::Chunk(c) => spaces::chunk(&cli.socket, c)?,
         Cmd::Spawn {
             space,

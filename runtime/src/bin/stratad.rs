@@ -32,8 +32,14 @@ fn main() -> anyhow::Result<()> {
         cfg.socket = s;
     }
     cfg.check()?;
-    let filter = tracing_subscriber::EnvFilter::try_from_env("STRATA_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cfg.log));
+    let mut directive = std::env::var("STRATA_LOG").unwrap_or_else(|_| cfg.log.clone());
+    if !directive.contains("fuser") {
+        // fuser reports unimplemented requests the kernel then stops sending (create: the
+        // kernel falls back to mknod + open, which gets passthrough) and a second unmount
+        // of a filesystem the daemon already unmounted: noise, unless asked for
+        directive.push_str(",fuser=off");
+    }
+    let filter = tracing_subscriber::EnvFilter::new(&directive);
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -56,13 +56,13 @@ fn io(e: std::io::Error) -> DmError {
 
 fn bump_change(path: &Path) -> Result<u64, DmError> {
     let v = change(path)? + 1;
-    xattr::set(path, CHANGE, &v.to_le_bytes()).map_err(io)?;
+    xattr::set_deref(path, CHANGE, &v.to_le_bytes()).map_err(io)?;
     Ok(v)
 }
 
 /// dt_change of the object (0 when nothing was ever recorded).
 pub fn change(path: &Path) -> Result<u64, DmError> {
-    Ok(xattr::get(path, CHANGE)
+    Ok(xattr::get_deref(path, CHANGE)
         .map_err(io)?
         .and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
         .map(u64::from_le_bytes)
@@ -75,7 +75,7 @@ pub fn set_dmattr(path: &Path, name: &[u8], value: &[u8]) -> Result<(), DmError>
     if value.len() > MAX_ATTRIBUTE_SIZE {
         return Err(DmError::E2big);
     }
-    xattr::set(path, xname(&name), value).map_err(io)?;
+    xattr::set_deref(path, xname(&name), value).map_err(io)?;
     bump_change(path)?;
     Ok(())
 }
@@ -83,7 +83,7 @@ pub fn set_dmattr(path: &Path, name: &[u8], value: &[u8]) -> Result<(), DmError>
 /// dm_get_dmattr (ENOENT when the attribute is not set).
 pub fn get_dmattr(path: &Path, name: &[u8]) -> Result<Vec<u8>, DmError> {
     let name = attr_name(name)?;
-    xattr::get(path, xname(&name))
+    xattr::get_deref(path, xname(&name))
         .map_err(io)?
         .ok_or(DmError::Enoent)
 }
@@ -91,7 +91,7 @@ pub fn get_dmattr(path: &Path, name: &[u8]) -> Result<Vec<u8>, DmError> {
 /// dm_remove_dmattr (ENOENT when the attribute is not set).
 pub fn remove_dmattr(path: &Path, name: &[u8]) -> Result<(), DmError> {
     let name = attr_name(name)?;
-    xattr::remove(path, xname(&name)).map_err(io)?;
+    xattr::remove_deref(path, xname(&name)).map_err(io)?;
     bump_change(path)?;
     Ok(())
 }
@@ -102,7 +102,7 @@ pub type DmAttr = ([u8; 8], Vec<u8>);
 /// dm_getall_dmattr: every DM attribute, by name.
 pub fn getall_dmattr(path: &Path) -> Result<Vec<DmAttr>, DmError> {
     let mut out = Vec::new();
-    for n in xattr::list(path).map_err(io)? {
+    for n in xattr::list_deref(path).map_err(io)? {
         let Some(hexname) = n.to_str().and_then(|s| s.strip_prefix(DM_PREFIX)) else {
             continue;
         };
@@ -112,7 +112,7 @@ pub fn getall_dmattr(path: &Path) -> Result<Vec<DmAttr>, DmError> {
         else {
             continue;
         };
-        if let Some(v) = xattr::get(path, &n).map_err(io)? {
+        if let Some(v) = xattr::get_deref(path, &n).map_err(io)? {
             out.push((name, v));
         }
     }
@@ -122,7 +122,7 @@ pub fn getall_dmattr(path: &Path) -> Result<Vec<DmAttr>, DmError> {
 
 /// Whether the object has DM attributes (dt_pers).
 pub fn has_dmattrs(path: &Path) -> Result<bool, DmError> {
-    Ok(xattr::list(path)
+    Ok(xattr::list_deref(path)
         .map_err(io)?
         .any(|n| n.as_encoded_bytes().starts_with(DM_PREFIX.as_bytes())))
 }
@@ -173,7 +173,7 @@ pub fn set_regions(path: &Path, regions: &[Region]) -> Result<bool, DmError> {
         return Err(DmError::Einval);
     }
     if regions.is_empty() {
-        match xattr::remove(path, REGIONS) {
+        match xattr::remove_deref(path, REGIONS) {
             Ok(()) => {}
             Err(e) if e.raw_os_error() == Some(libc::ENODATA) => {}
             Err(e) => return Err(io(e)),
@@ -186,13 +186,13 @@ pub fn set_regions(path: &Path, regions: &[Region]) -> Result<bool, DmError> {
         v.extend_from_slice(&r.size.to_le_bytes());
         v.push(r.flags);
     }
-    xattr::set(path, REGIONS, &v).map_err(io)?;
+    xattr::set_deref(path, REGIONS, &v).map_err(io)?;
     Ok(true)
 }
 
 /// dm_get_region: the object's regions (none recorded: none).
 pub fn get_regions(path: &Path) -> Result<Vec<Region>, DmError> {
-    let Some(v) = xattr::get(path, REGIONS).map_err(io)? else {
+    let Some(v) = xattr::get_deref(path, REGIONS).map_err(io)? else {
         return Ok(vec![]);
     };
     if v.len() % 17 != 0 {
@@ -217,12 +217,12 @@ pub fn raises(regions: &[Region], offset: u64, len: u64, flag: u8) -> bool {
 /// dm_set_eventlist on an object (persistent).
 pub fn set_eventlist(path: &Path, set: EventSet) -> Result<(), DmError> {
     let bits = serde_json::to_vec(&set).map_err(|_| DmError::Estale)?;
-    xattr::set(path, EVENTS, &bits).map_err(io)
+    xattr::set_deref(path, EVENTS, &bits).map_err(io)
 }
 
 /// dm_get_eventlist on an object.
 pub fn get_eventlist(path: &Path) -> Result<EventSet, DmError> {
-    match xattr::get(path, EVENTS).map_err(io)? {
+    match xattr::get_deref(path, EVENTS).map_err(io)? {
         None => Ok(EventSet::empty()),
         Some(b) => serde_json::from_slice(&b).map_err(|_| DmError::Estale),
     }

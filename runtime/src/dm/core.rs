@@ -726,6 +726,58 @@ impl Core {
         Ok(self.grant_waiting(object))
     }
 
+    /// A DM call on `object` under (`sid`, `token`): DM_NO_TOKEN (0) needs only a live
+    /// session; any other token must be an outstanding event of the session (EINVAL /
+    /// ESRCH) holding at least `need` on the object (EACCES).
+    pub fn check_right(
+        &self,
+        sid: SessionId,
+        token: Token,
+        object: &[u8],
+        need: Right,
+    ) -> Result<(), DmError> {
+        if !self.sessions.contains_key(&sid) {
+            return Err(DmError::Einval);
+        }
+        if token == INVALID_TOKEN {
+            return Ok(());
+        }
+        let e = self.outstanding(sid, token)?;
+        match e.rights.get(object) {
+            Some(r) if *r >= need => Ok(()),
+            _ if need == Right::Null => Ok(()),
+            _ => Err(DmError::Eacces),
+        }
+    }
+
+    /// The dispositions of one filesystem (to persist them).
+    pub fn dispositions_of(&self, fs: FsId) -> Vec<(EventType, SessionId)> {
+        let mut v: Vec<(EventType, SessionId)> = self
+            .dispositions
+            .get(&fs)
+            .map(|d| d.iter().map(|(t, s)| (*t, *s)).collect())
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+
+    /// Bring back recorded dispositions (of sessions that still exist).
+    pub fn restore_dispositions(&mut self, fs: FsId, disp: &[(EventType, SessionId)]) {
+        for (t, sid) in disp {
+            if self.sessions.contains_key(sid) {
+                self.dispositions.entry(fs).or_default().insert(*t, *sid);
+            }
+        }
+    }
+
+    /// Whether any synchronous event type on `fs` goes to a session (an operation there
+    /// may have to wait).
+    pub fn any_sync_disposed(&self, fs: FsId) -> bool {
+        self.dispositions
+            .get(&fs)
+            .is_some_and(|d| d.keys().any(|t| t.is_sync()))
+    }
+
     /// dm_query_right.
     pub fn query_right(
         &self,

@@ -92,7 +92,18 @@ impl Handle {
     /// The handle of the object at `path` (which must be on the filesystem `fs` is backed
     /// by): ENOENT-like failures are EBADF.
     pub fn of_path(fs: FsId, path: &Path) -> Result<Handle, DmError> {
-        let (ktype, kbytes) = sys::kernel_handle(path).map_err(io_to_dm)?;
+        let (ktype, kbytes) = sys::kernel_handle(None, path).map_err(io_to_dm)?;
+        Ok(Handle {
+            fs,
+            kind: HandleKind::Object,
+            ktype,
+            kbytes,
+        })
+    }
+
+    /// The handle of an open object (an `O_PATH` descriptor will do).
+    pub fn of_fd(fs: FsId, fd: std::os::fd::BorrowedFd<'_>) -> Result<Handle, DmError> {
+        let (ktype, kbytes) = sys::kernel_handle(Some(fd), Path::new("")).map_err(io_to_dm)?;
         Ok(Handle {
             fs,
             kind: HandleKind::Object,
@@ -104,10 +115,22 @@ impl Handle {
     /// Open the object read-only (`O_PATH` when `path_only`), given an open directory of
     /// its filesystem: a stale or missing object is EBADF.
     pub fn open(&self, mount: &File, path_only: bool) -> Result<File, DmError> {
+        self.open_with(
+            mount,
+            if path_only {
+                libc::O_PATH
+            } else {
+                libc::O_RDONLY | libc::O_NOATIME
+            },
+        )
+    }
+
+    /// Open the object with these `open(2)` flags (`O_CLOEXEC` is added).
+    pub fn open_with(&self, mount: &File, flags: i32) -> Result<File, DmError> {
         if self.kind != HandleKind::Object {
             return Err(DmError::Einval);
         }
-        sys::open_by_handle(mount, self.ktype, &self.kbytes, path_only).map_err(io_to_dm)
+        sys::open_by_handle(mount, self.ktype, &self.kbytes, flags).map_err(io_to_dm)
     }
 
     /// The object's path (as the kernel sees it now), through its open file.
@@ -151,7 +174,10 @@ mod sys {
         f_handle: [u8; MAX_KERNEL_HANDLE],
     }
 
-    pub fn kernel_handle(path: &Path) -> std::io::Result<(i32, Vec<u8>)> {
+    pub fn kernel_handle(
+        dir: Option<std::os::fd::BorrowedFd<'_>>,
+        path: &Path,
+    ) -> std::io::Result<(i32, Vec<u8>)> {
         let c = CString::new(path.as_os_str().as_bytes())
             .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
         let mut buf = Buf {
@@ -160,16 +186,21 @@ mod sys {
             f_handle: [0; MAX_KERNEL_HANDLE],
         };
         let mut mount_id: libc::c_int = 0;
-        // SAFETY: `c` is a NUL-terminated path; `buf` is a file_handle header followed by
+        // SAFETY: `c` is a NUL-terminated path, `dir` (if any) a descriptor borrowed for
+        // the call; `buf` is a file_handle header followed by
         // `handle_bytes` bytes of storage, as the call requires; `mount_id` is a valid out
         // pointer. The kernel writes at most `handle_bytes` bytes after the header.
         let rc = unsafe {
             libc::name_to_handle_at(
-                libc::AT_FDCWD,
+                dir.map_or(libc::AT_FDCWD, |d| d.as_raw_fd()),
                 c.as_ptr(),
                 (&mut buf as *mut Buf).cast::<libc::file_handle>(),
                 &mut mount_id,
-                0,
+                if dir.is_some() {
+                    libc::AT_EMPTY_PATH
+                } else {
+                    0
+                },
             )
         };
         if rc != 0 {
@@ -183,7 +214,7 @@ mod sys {
         mount: &File,
         ktype: i32,
         bytes: &[u8],
-        path_only: bool,
+        flags: i32,
     ) -> std::io::Result<File> {
         if bytes.len() > MAX_KERNEL_HANDLE {
             return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
@@ -194,12 +225,7 @@ mod sys {
             f_handle: [0; MAX_KERNEL_HANDLE],
         };
         buf.f_handle[..bytes.len()].copy_from_slice(bytes);
-        let flags = libc::O_CLOEXEC
-            | if path_only {
-                libc::O_PATH
-            } else {
-                libc::O_RDONLY | libc::O_NOATIME
-            };
+        let flags = libc::O_CLOEXEC | flags;
         // SAFETY: `buf` is a valid file_handle of `handle_bytes` bytes; the kernel only reads
         // it. On success the returned descriptor is new and owned by us alone.
         let fd = unsafe {

@@ -3,10 +3,12 @@
 //! DM_RR_WAIT). The FUSE capture will raise its events through the same [`Dm`].
 
 use super::core::{Core, OpId, Output, Raised, WaiterId};
-use super::{DmError, DmReply, DmRequest, Token};
+use super::handle::{Handle, HandleKind};
+use super::{DmError, DmReply, DmRequest, EventData, EventSet, EventType, FsId, Response, Token};
 use redb::{ReadableDatabase, ReadableTable};
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::path::PathBuf;
+use std::sync::{mpsc, Arc, Mutex, MutexGuard};
 use std::time::Instant;
 use tokio::sync::oneshot;
 
@@ -18,6 +20,8 @@ pub struct DmConfig {
     pub event_timeout_ms: u64,
     /// With this errno.
     pub timeout_errno: i32,
+    /// At most this many sessions (one more is ENOMEM).
+    pub max_sessions: usize,
 }
 
 impl Default for DmConfig {
@@ -25,11 +29,64 @@ impl Default for DmConfig {
         DmConfig {
             event_timeout_ms: 60_000,
             timeout_errno: libc::ETIMEDOUT,
+            max_sessions: 4096,
         }
     }
 }
 
 const SESSIONS: redb::TableDefinition<u64, &[u8]> = redb::TableDefinition::new("dm_sessions");
+/// Managed filesystems: fsid -> JSON [`FsRecord`].
+const FILESYSTEMS: redb::TableDefinition<u32, &[u8]> = redb::TableDefinition::new("dm_fs");
+/// Dispositions: fsid (0: global) -> JSON list of (event type, session).
+const DISPOSITIONS: redb::TableDefinition<u32, &[u8]> =
+    redb::TableDefinition::new("dm_dispositions");
+/// The global filesystem id (DM_GLOBAL_HANP): mount events are disposed there.
+pub const GLOBAL_FS: FsId = 0;
+
+/// What is recorded about a managed filesystem (redb `dm_fs`).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct FsRecord {
+    /// The backing directory (canonical).
+    pub backing: PathBuf,
+    /// Where it is mounted (`None`: not mounted; DMAPI calls on it are EPERM).
+    pub mountpoint: Option<PathBuf>,
+    /// Mounted read-only.
+    #[serde(default)]
+    pub read_only: bool,
+    /// The filesystem's event list (dm_set_eventlist on its handle).
+    #[serde(default)]
+    pub events: EventSet,
+    /// The DM attribute DESTROY events carry (dm_set_return_on_destroy).
+    #[serde(default)]
+    pub destroy_attr: Option<[u8; 8]>,
+}
+
+/// A raised event, as the filesystem layer holds it.
+pub enum Raise {
+    /// Nothing waits: the operation goes on.
+    Go,
+    /// The operation waits for the answer.
+    Wait {
+        /// The blocked operation.
+        op: OpId,
+        /// Its event's token.
+        token: Token,
+        /// Where the answer comes.
+        rx: mpsc::Receiver<Response>,
+    },
+}
+
+/// Who waits for a blocked operation's answer.
+enum OpWaiter {
+    /// A synchronous send_msg of an API client.
+    Api {
+        client: u64,
+        token: Token,
+        tx: oneshot::Sender<DmReply>,
+    },
+    /// A filesystem operation.
+    Local { tx: mpsc::Sender<Response> },
+}
 const META: redb::TableDefinition<&str, u64> = redb::TableDefinition::new("dm_meta");
 /// Tokens are reserved on disk in blocks of this many, so that a restarted daemon knows
 /// which tokens an earlier run issued (ESRCH) without a write per event.
@@ -50,8 +107,10 @@ struct Inner {
     core: Core,
     /// Parked get_events / request_right calls: waiter -> (client, answer).
     wakers: HashMap<WaiterId, (u64, oneshot::Sender<DmReply>)>,
-    /// Blocked synchronous send_msg calls: op -> (client, token, answer).
-    ops: HashMap<OpId, (u64, Token, oneshot::Sender<DmReply>)>,
+    /// Blocked operations: synchronous send_msg calls and filesystem operations.
+    ops: HashMap<OpId, OpWaiter>,
+    /// Managed filesystems.
+    filesystems: HashMap<FsId, FsRecord>,
     next_op: OpId,
     /// Tokens below this are reserved on disk.
     reserved: u64,
@@ -60,6 +119,7 @@ struct Inner {
 /// The daemon's DM service. Sessions (id and info) are recorded in the daemon's redb
 /// (`dm_sessions`) and come back after a restart, without their events.
 pub struct Dm {
+    max_sessions: usize,
     inner: Mutex<Inner>,
     epoch: Instant,
     db: Arc<redb::Database>,
@@ -71,6 +131,8 @@ impl Dm {
         let mut core = Core::new(cfg.event_timeout_ms, cfg.timeout_errno);
         let w = db.begin_write()?;
         w.open_table(SESSIONS)?;
+        w.open_table(FILESYSTEMS)?;
+        w.open_table(DISPOSITIONS)?;
         let reserved_before = w
             .open_table(META)?
             .get("token_reserved")?
@@ -81,14 +143,33 @@ impl Dm {
             let (k, v) = item?;
             core.restore_session(k.value(), v.value().to_vec());
         }
+        let mut filesystems = HashMap::new();
+        for item in r.open_table(FILESYSTEMS)?.iter()? {
+            let (k, v) = item?;
+            match serde_json::from_slice::<FsRecord>(v.value()) {
+                Ok(rec) => {
+                    filesystems.insert(k.value(), rec);
+                }
+                Err(e) => tracing::error!(fs = k.value(), "unreadable filesystem record: {e}"),
+            }
+        }
+        for item in r.open_table(DISPOSITIONS)?.iter()? {
+            let (k, v) = item?;
+            match serde_json::from_slice::<Vec<(EventType, u64)>>(v.value()) {
+                Ok(d) => core.restore_dispositions(k.value(), &d),
+                Err(e) => tracing::error!(fs = k.value(), "unreadable dispositions: {e}"),
+            }
+        }
         drop(r);
         let floor = reserved_before.unwrap_or(1);
         core.set_token_floor(floor);
         let dm = Dm {
+            max_sessions: cfg.max_sessions,
             inner: Mutex::new(Inner {
                 core,
                 wakers: HashMap::new(),
                 ops: HashMap::new(),
+                filesystems,
                 next_op: 1,
                 reserved: floor,
             }),
@@ -144,11 +225,15 @@ impl Dm {
     fn apply(g: &mut Inner, out: Vec<Output>) {
         for o in out {
             match o {
-                Output::Answer { op, response } => {
-                    if let Some((_, _, tx)) = g.ops.remove(&op) {
+                Output::Answer { op, response } => match g.ops.remove(&op) {
+                    Some(OpWaiter::Api { tx, .. }) => {
                         let _ = tx.send(DmReply::Answered { response });
                     }
-                }
+                    Some(OpWaiter::Local { tx }) => {
+                        let _ = tx.send(response);
+                    }
+                    None => {}
+                },
                 Output::Events {
                     waiter,
                     session,
@@ -192,6 +277,13 @@ impl Dm {
         let mut g = self.lock();
         let g = &mut *g;
         let r: Result<DmReply, DmError> = match req {
+            DmRequest::CreateSession { old, info }
+                if old == super::NO_SESSION && g.core.sessions().len() >= self.max_sessions =>
+            {
+                let _ = info;
+                // the configured resources are used up
+                Err(DmError::Enomem)
+            }
             DmRequest::CreateSession { old, info } => {
                 g.core.create_session(old, &info).map(|sid| {
                     self.record_session(sid, Some(&info));
@@ -203,15 +295,47 @@ impl Dm {
                 Self::apply(g, out);
                 DmReply::Ok
             }),
+            DmRequest::InitService => Ok(DmReply::Version {
+                version: format!("strata-dmapi {}", env!("CARGO_PKG_VERSION")),
+            }),
+            DmRequest::SetDisp {
+                sid,
+                fs_handle,
+                events,
+            } => self.fs_of(g, &fs_handle).and_then(|fs| {
+                if fs == GLOBAL_FS && events.types().iter().any(|t| *t != EventType::Mount) {
+                    // only mount events are disposed on the global handle
+                    return Err(DmError::Einval);
+                }
+                if fs != GLOBAL_FS && events.contains(EventType::Mount) {
+                    return Err(DmError::Einval);
+                }
+                g.core.set_disp(sid, fs, events)?;
+                self.record_dispositions(g, fs);
+                Ok(DmReply::Ok)
+            }),
+            DmRequest::GetallDisp { sid, buflen } => check_buflen(buflen).and_then(|()| {
+                let disp = g.core.getall_disp(sid)?;
+                fits(buflen, &disp)?;
+                Ok(DmReply::Dispositions { disp })
+            }),
             DmRequest::QuerySession { sid } => {
                 g.core.query_session(sid).map(|info| DmReply::Info { info })
             }
-            DmRequest::Sessions => Ok(DmReply::Sessions {
-                sids: g.core.sessions(),
+            DmRequest::Sessions { nelem } => nelem_ok(nelem).and_then(|()| {
+                let sids = g.core.sessions();
+                if nelem.is_some_and(|n| (n as usize) < sids.len()) {
+                    return Err(DmError::E2big);
+                }
+                Ok(DmReply::Sessions { sids })
             }),
-            DmRequest::Tokens { sid } => {
-                g.core.tokens(sid).map(|tokens| DmReply::Tokens { tokens })
-            }
+            DmRequest::Tokens { sid, nelem } => nelem_ok(nelem).and_then(|()| {
+                let tokens = g.core.tokens(sid)?;
+                if nelem.is_some_and(|n| (n as usize) < tokens.len()) {
+                    return Err(DmError::E2big);
+                }
+                Ok(DmReply::Tokens { tokens })
+            }),
             DmRequest::GetEvents { sid, max, wait } => {
                 let parked = wait.then(|| Self::park(g, client));
                 match g.core.get_events(sid, max, parked.as_ref().map(|p| p.0)) {
@@ -265,7 +389,7 @@ impl Dm {
                 match g.core.send_msg(sid, sync, payload, op) {
                     Ok((Raised::Blocked(token), out)) => {
                         let (tx, rx) = oneshot::channel();
-                        g.ops.insert(op, (client, token, tx));
+                        g.ops.insert(op, OpWaiter::Api { client, token, tx });
                         Self::apply(g, out);
                         return DmStep::Parked(rx);
                     }
@@ -317,6 +441,9 @@ impl Dm {
                 .core
                 .query_right(sid, token, &object)
                 .map(|right| DmReply::Right { right }),
+            DmRequest::Unknown => Err(DmError::Enosys),
+            // served by the filesystem layer (`crate::fs`)
+            _ => Err(DmError::Enosys),
         };
         DmStep::Done(r.unwrap_or_else(|error| DmReply::Error { error }))
     }
@@ -340,13 +467,198 @@ impl Dm {
         let ops: Vec<(OpId, Token)> = g
             .ops
             .iter()
-            .filter(|(_, (c, _, _))| *c == client)
-            .map(|(op, (_, t, _))| (*op, *t))
+            .filter_map(|(op, w)| match w {
+                OpWaiter::Api {
+                    client: c, token, ..
+                } if *c == client => Some((*op, *token)),
+                _ => None,
+            })
             .collect();
         for (op, token) in ops {
             g.ops.remove(&op);
             let out = g.core.cancel(token);
             Self::apply(g, out);
+        }
+    }
+
+    /// The filesystem a filesystem handle names (empty: the global handle). A malformed
+    /// handle is EINVAL, an unknown filesystem EBADF.
+    fn fs_of(&self, g: &Inner, fs_handle: &[u8]) -> Result<FsId, DmError> {
+        if fs_handle.is_empty() {
+            return Ok(GLOBAL_FS);
+        }
+        let h = Handle::decode(fs_handle)?;
+        if h.kind != HandleKind::Fs {
+            return Err(DmError::Einval);
+        }
+        if !g.filesystems.contains_key(&h.fs) {
+            return Err(DmError::Ebadf);
+        }
+        Ok(h.fs)
+    }
+
+    fn record_dispositions(&self, g: &Inner, fs: FsId) {
+        let d = g.core.dispositions_of(fs);
+        let r = (|| -> anyhow::Result<()> {
+            let w = self.db.begin_write()?;
+            {
+                let mut t = w.open_table(DISPOSITIONS)?;
+                if d.is_empty() {
+                    t.remove(fs)?;
+                } else {
+                    t.insert(fs, serde_json::to_vec(&d)?.as_slice())?;
+                }
+            }
+            w.commit()?;
+            Ok(())
+        })();
+        if let Err(e) = r {
+            tracing::error!(fs, "cannot record dispositions: {e}");
+        }
+    }
+
+    fn record_fs(&self, fs: FsId, rec: &FsRecord) -> Result<(), DmError> {
+        let r = (|| -> anyhow::Result<()> {
+            let w = self.db.begin_write()?;
+            w.open_table(FILESYSTEMS)?
+                .insert(fs, serde_json::to_vec(rec)?.as_slice())?;
+            w.commit()?;
+            Ok(())
+        })();
+        r.map_err(|e| {
+            tracing::error!(fs, "cannot record filesystem: {e}");
+            DmError::Enomem
+        })
+    }
+
+    /// The id of the filesystem backed by `backing` (canonical), registered on first use:
+    /// the same backing directory keeps its id across remounts and restarts.
+    pub fn register_fs(&self, backing: &std::path::Path) -> Result<FsId, DmError> {
+        let mut g = self.lock();
+        if let Some((id, _)) = g.filesystems.iter().find(|(_, r)| r.backing == backing) {
+            return Ok(*id);
+        }
+        let id = g.filesystems.keys().max().copied().unwrap_or(GLOBAL_FS) + 1;
+        let rec = FsRecord {
+            backing: backing.to_path_buf(),
+            mountpoint: None,
+            read_only: false,
+            events: EventSet::empty(),
+            destroy_attr: None,
+        };
+        self.record_fs(id, &rec)?;
+        g.filesystems.insert(id, rec);
+        Ok(id)
+    }
+
+    /// A filesystem's record.
+    pub fn fs_record(&self, fs: FsId) -> Option<FsRecord> {
+        self.lock().filesystems.get(&fs).cloned()
+    }
+
+    /// A filesystem's event list (empty for an unknown one).
+    pub fn fs_events(&self, fs: FsId) -> EventSet {
+        self.lock()
+            .filesystems
+            .get(&fs)
+            .map(|r| r.events)
+            .unwrap_or_default()
+    }
+
+    /// All filesystem records.
+    pub fn fs_records(&self) -> Vec<(FsId, FsRecord)> {
+        let mut v: Vec<_> = self
+            .lock()
+            .filesystems
+            .iter()
+            .map(|(k, v)| (*k, v.clone()))
+            .collect();
+        v.sort_by_key(|(k, _)| *k);
+        v
+    }
+
+    /// Change a filesystem's record (persisted before it is changed in memory).
+    pub fn update_fs(&self, fs: FsId, f: impl FnOnce(&mut FsRecord)) -> Result<(), DmError> {
+        let mut g = self.lock();
+        let mut rec = g.filesystems.get(&fs).cloned().ok_or(DmError::Ebadf)?;
+        f(&mut rec);
+        self.record_fs(fs, &rec)?;
+        g.filesystems.insert(fs, rec);
+        Ok(())
+    }
+
+    /// Check a DM call's session, token and right on `object`.
+    pub fn check_right(
+        &self,
+        sid: u64,
+        token: Token,
+        object: &[u8],
+        need: super::Right,
+    ) -> Result<(), DmError> {
+        self.lock().core.check_right(sid, token, object, need)
+    }
+
+    /// Whether an event of `kind` on `fs` goes to some session.
+    pub fn disposed(&self, fs: FsId, kind: EventType) -> bool {
+        self.lock().core.disposed_to(fs, kind).is_some()
+    }
+
+    /// Whether some synchronous event on `fs` goes to a session (operations there may
+    /// wait, so the filesystem layer runs them off its dispatch thread).
+    pub fn may_block(&self, fs: FsId) -> bool {
+        self.lock().core.any_sync_disposed(fs)
+    }
+
+    /// Raise an event for an operation (synchronous types block it: wait with
+    /// [`Dm::wait`]).
+    pub fn raise(&self, fs: FsId, kind: EventType, data: EventData) -> Raise {
+        let mut g = self.lock();
+        let g = &mut *g;
+        if kind.is_sync() {
+            if let Err(e) = self.reserve_tokens(g) {
+                tracing::error!("cannot reserve DM tokens: {e}");
+            }
+        }
+        let op = g.next_op;
+        g.next_op += 1;
+        let (raised, out) = g.core.raise(fs, kind, data, op);
+        let r = match raised {
+            Raised::Blocked(token) => {
+                let (tx, rx) = mpsc::channel();
+                g.ops.insert(op, OpWaiter::Local { tx });
+                Raise::Wait { op, token, rx }
+            }
+            _ => Raise::Go,
+        };
+        Self::apply(g, out);
+        r
+    }
+
+    /// Wait for a raised event's answer: `Ok` to go on, `Err(errno)` to fail the operation
+    /// (an abort, or the configured errno after the timeout). `alive` is asked now and then;
+    /// when the operation's caller is gone the event is cancelled and EINTR returned.
+    pub fn wait(&self, raised: Raise, alive: &dyn Fn() -> bool) -> Result<(), i32> {
+        let Raise::Wait { op, token, rx } = raised else {
+            return Ok(());
+        };
+        loop {
+            match rx.recv_timeout(std::time::Duration::from_millis(100)) {
+                Ok(Response::Abort(errno)) => {
+                    return Err(if errno > 0 { errno } else { libc::EIO });
+                }
+                Ok(_) => return Ok(()),
+                Err(mpsc::RecvTimeoutError::Disconnected) => return Err(libc::EIO),
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    if !alive() {
+                        let mut g = self.lock();
+                        let g = &mut *g;
+                        g.ops.remove(&op);
+                        let out = g.core.cancel(token);
+                        Self::apply(g, out);
+                        return Err(libc::EINTR);
+                    }
+                }
+            }
         }
     }
 
@@ -356,5 +668,36 @@ impl Dm {
         let now = self.epoch.elapsed().as_millis() as u64;
         let out = g.core.tick(now);
         Self::apply(&mut g, out);
+    }
+}
+
+/// The buflen rule of seed 001: INT_MAX or more is EINVAL.
+pub fn check_buflen(buflen: Option<u64>) -> Result<(), DmError> {
+    match buflen {
+        Some(n) if n >= i32::MAX as u64 => Err(DmError::Einval),
+        _ => Ok(()),
+    }
+}
+
+/// E2BIG when the answer does not fit the caller's buffer (its JSON size).
+pub fn fits<T: serde::Serialize>(buflen: Option<u64>, v: &T) -> Result<(), DmError> {
+    match buflen {
+        Some(n)
+            if serde_json::to_vec(v)
+                .map(|b| b.len() as u64)
+                .unwrap_or(u64::MAX)
+                > n =>
+        {
+            Err(DmError::E2big)
+        }
+        _ => Ok(()),
+    }
+}
+
+/// The nelem rule of seed 001: more than MAX_NELEM is EINVAL.
+fn nelem_ok(nelem: Option<u32>) -> Result<(), DmError> {
+    match nelem {
+        Some(n) if n > super::MAX_NELEM => Err(DmError::Einval),
+        _ => Ok(()),
     }
 }

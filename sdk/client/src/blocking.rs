@@ -276,7 +276,16 @@ impl Client {
         req: &crate::dm::DmRequest,
         payload: &[u8],
     ) -> Result<Result<crate::dm::DmReply, crate::dm::DmError>, ClientError> {
-        let (kind, value, _) = self.call(&ops::dm_envelope(req)?, payload)?;
+        Ok(self.dm_data(req, payload)?.map(|(r, _)| r))
+    }
+
+    /// A DMAPI call whose reply may carry bytes (read_invis data, a DM attribute value).
+    pub fn dm_data(
+        &mut self,
+        req: &crate::dm::DmRequest,
+        payload: &[u8],
+    ) -> Result<Result<(crate::dm::DmReply, Vec<u8>), crate::dm::DmError>, ClientError> {
+        let (kind, value, data) = self.call(&ops::dm_envelope(req)?, payload)?;
         if kind != "dm" {
             return Err(ClientError::Protocol(format!(
                 "expected a dm reply, got {kind:?}"
@@ -284,7 +293,7 @@ impl Client {
         }
         match serde_json::from_value(value) {
             Ok(crate::dm::DmReply::Error { error }) => Ok(Err(error)),
-            Ok(r) => Ok(Ok(r)),
+            Ok(r) => Ok(Ok((r, data))),
             Err(e) => Err(ClientError::Protocol(format!("dm reply: {e}"))),
         }
     }

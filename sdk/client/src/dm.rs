@@ -345,11 +345,18 @@ pub enum DmRequest {
         sid: SessionId,
     },
     /// dm_getall_sessions.
-    Sessions,
+    Sessions {
+        /// The caller's array size (over MAX_NELEM: EINVAL; too small: E2BIG).
+        #[serde(default)]
+        nelem: Option<u32>,
+    },
     /// dm_getall_tokens.
     Tokens {
         /// Session.
         sid: SessionId,
+        /// The caller's array size (over MAX_NELEM: EINVAL; too small: E2BIG).
+        #[serde(default)]
+        nelem: Option<u32>,
     },
     /// dm_get_events (`wait`: DM_EV_WAIT).
     GetEvents {
@@ -454,6 +461,463 @@ pub enum DmRequest {
         /// Object handle.
         object: Vec<u8>,
     },
+    /// dm_init_service: the version string.
+    InitService,
+    /// dm_set_disp: the event types of `events` on the filesystem (`fs_handle`; empty: the
+    /// global handle, for mount events) go to the session.
+    SetDisp {
+        /// Session.
+        sid: SessionId,
+        /// Filesystem handle, or empty for DM_GLOBAL_HANP.
+        #[serde(default)]
+        fs_handle: Vec<u8>,
+        /// Event types.
+        events: EventSet,
+    },
+    /// dm_getall_disp.
+    GetallDisp {
+        /// Session.
+        sid: SessionId,
+        /// Caller's buffer size (>= INT_MAX: EINVAL; too small: E2BIG).
+        #[serde(default)]
+        buflen: Option<u64>,
+    },
+    /// dm_set_return_on_destroy: DESTROY events of the filesystem carry this attribute
+    /// (`None`: none).
+    SetReturnOnDestroy {
+        /// Session.
+        sid: SessionId,
+        /// Token.
+        #[serde(default)]
+        token: Token,
+        /// Filesystem handle.
+        fs_handle: Vec<u8>,
+        /// Attribute name (8 bytes) or none.
+        name: Option<Vec<u8>>,
+    },
+    /// dm_get_mountinfo: the mount event of a mounted filesystem.
+    GetMountinfo {
+        /// Session.
+        sid: SessionId,
+        /// Token.
+        #[serde(default)]
+        token: Token,
+        /// Filesystem handle.
+        fs_handle: Vec<u8>,
+        /// Caller's buffer size.
+        #[serde(default)]
+        buflen: Option<u64>,
+    },
+    /// dm_path_to_handle: `path` names an object in a managed filesystem (through its mount).
+    PathToHandle {
+        /// Path (absolute).
+        path: String,
+    },
+    /// dm_path_to_fshandle.
+    PathToFsHandle {
+        /// Path (absolute).
+        path: String,
+    },
+    /// dm_handle_to_fshandle.
+    HandleToFsHandle {
+        /// Object handle.
+        handle: Vec<u8>,
+    },
+    /// dm_handle_to_path: the object's path through the mount.
+    HandleToPath {
+        /// Object handle.
+        handle: Vec<u8>,
+        /// Caller's buffer size.
+        #[serde(default)]
+        buflen: Option<u64>,
+    },
+    /// dm_get_fileattr.
+    GetFileattr {
+        /// Session.
+        sid: SessionId,
+        /// Token (DM_NO_TOKEN: 0).
+        #[serde(default)]
+        token: Token,
+        /// Object handle.
+        handle: Vec<u8>,
+    },
+    /// dm_set_fileattr: the fields given are set.
+    SetFileattr {
+        /// Session.
+        sid: SessionId,
+        /// Token.
+        #[serde(default)]
+        token: Token,
+        /// Object handle.
+        handle: Vec<u8>,
+        /// What to set.
+        attr: SetAttr,
+    },
+    /// dm_get_dirattrs: entries of a directory from `cursor` (0: the start).
+    GetDirattrs {
+        /// Session.
+        sid: SessionId,
+        /// Token.
+        #[serde(default)]
+        token: Token,
+        /// Directory handle.
+        handle: Vec<u8>,
+        /// Where to go on (from the previous reply).
+        #[serde(default)]
+        cursor: u64,
+        /// At most this many entries.
+        max: u32,
+        /// Caller's buffer size.
+        #[serde(default)]
+        buflen: Option<u64>,
+    },
+    /// dm_get_bulkattr: every object of the filesystem, from `cursor`.
+    GetBulkattr {
+        /// Session.
+        sid: SessionId,
+        /// Token.
+        #[serde(default)]
+        token: Token,
+        /// Filesystem handle.
+        fs_handle: Vec<u8>,
+        /// Where to go on.
+        #[serde(default)]
+        cursor: u64,
+        /// At most this many objects.
+        max: u32,
+        /// Caller's buffer size.
+        #[serde(default)]
+        buflen: Option<u64>,
+    },
+    /// dm_get_dmattr.
+    GetDmattr {
+        /// Session.
+        sid: SessionId,
+        /// Token.
+        #[serde(default)]
+        token: Token,
+        /// Object handle.
+        handle: Vec<u8>,
+        /// Name (8 bytes).
+        name: Vec<u8>,
+    },
+    /// dm_set_dmattr: the payload is the value.
+    SetDmattr {
+        /// Session.
+        sid: SessionId,
+        /// Token.
+        #[serde(default)]
+        token: Token,
+        /// Object handle.
+        handle: Vec<u8>,
+        /// Name (8 bytes).
+        name: Vec<u8>,
+    },
+    /// dm_remove_dmattr.
+    RemoveDmattr {
+        /// Session.
+        sid: SessionId,
+        /// Token.
+        #[serde(default)]
+        token: Token,
+        /// Object handle.
+        handle: Vec<u8>,
+        /// Name (8 bytes).
+        name: Vec<u8>,
+    },
+    /// dm_getall_dmattr.
+    GetallDmattr {
+        /// Session.
+        sid: SessionId,
+        /// Token.
+        #[serde(default)]
+        token: Token,
+        /// Object handle.
+        handle: Vec<u8>,
+        /// Caller's buffer size.
+        #[serde(default)]
+        buflen: Option<u64>,
+    },
+    /// dm_set_region.
+    SetRegion {
+        /// Session.
+        sid: SessionId,
+        /// Token.
+        #[serde(default)]
+        token: Token,
+        /// Object handle.
+        handle: Vec<u8>,
+        /// The regions (replacing the object's).
+        regions: Vec<Region>,
+    },
+    /// dm_get_region.
+    GetRegion {
+        /// Session.
+        sid: SessionId,
+        /// Token.
+        #[serde(default)]
+        token: Token,
+        /// Object handle.
+        handle: Vec<u8>,
+    },
+    /// dm_set_eventlist on an object or (fs handle) a filesystem.
+    SetEventlist {
+        /// Session.
+        sid: SessionId,
+        /// Token.
+        #[serde(default)]
+        token: Token,
+        /// Object or filesystem handle.
+        handle: Vec<u8>,
+        /// Events.
+        events: EventSet,
+    },
+    /// dm_get_eventlist.
+    GetEventlist {
+        /// Session.
+        sid: SessionId,
+        /// Token.
+        #[serde(default)]
+        token: Token,
+        /// Object or filesystem handle.
+        handle: Vec<u8>,
+    },
+    /// dm_get_allocinfo: extents from `offset`.
+    GetAllocinfo {
+        /// Session.
+        sid: SessionId,
+        /// Token.
+        #[serde(default)]
+        token: Token,
+        /// Object handle.
+        handle: Vec<u8>,
+        /// Start (negative: EINVAL).
+        offset: i64,
+        /// At most this many extents (too large: EINVAL).
+        nelem: u32,
+    },
+    /// dm_probe_hole.
+    ProbeHole {
+        /// Session.
+        sid: SessionId,
+        /// Token.
+        #[serde(default)]
+        token: Token,
+        /// Object handle.
+        handle: Vec<u8>,
+        /// Start (negative: EINVAL).
+        offset: i64,
+        /// Length (0: to EOF; overflowing an offset: EINVAL).
+        length: u64,
+    },
+    /// dm_punch_hole.
+    PunchHole {
+        /// Session.
+        sid: SessionId,
+        /// Token.
+        #[serde(default)]
+        token: Token,
+        /// Object handle.
+        handle: Vec<u8>,
+        /// Start (negative: EINVAL).
+        offset: i64,
+        /// Length (0: to EOF; overflowing an offset: EINVAL).
+        length: u64,
+    },
+    /// dm_read_invis: the data comes back as the reply's payload.
+    ReadInvis {
+        /// Session.
+        sid: SessionId,
+        /// Token.
+        #[serde(default)]
+        token: Token,
+        /// Object handle.
+        handle: Vec<u8>,
+        /// Start (negative: EINVAL).
+        offset: i64,
+        /// Length (over MAX_INVIS_IO or overflowing: EINVAL).
+        length: u64,
+    },
+    /// dm_write_invis: the payload is the data; `length` must equal its size (else EFAULT:
+    /// the buffer does not hold what the call says).
+    WriteInvis {
+        /// Session.
+        sid: SessionId,
+        /// Token.
+        #[serde(default)]
+        token: Token,
+        /// Object handle.
+        handle: Vec<u8>,
+        /// Start (negative: EINVAL).
+        offset: i64,
+        /// DM_WRITE_SYNC (1) or 0; other bits: EINVAL.
+        #[serde(default)]
+        flags: u32,
+        /// Length of the data.
+        length: u64,
+    },
+    /// dm_sync_by_handle.
+    SyncByHandle {
+        /// Session.
+        sid: SessionId,
+        /// Token.
+        #[serde(default)]
+        token: Token,
+        /// Object handle.
+        handle: Vec<u8>,
+    },
+    /// dm_get_config.
+    GetConfig {
+        /// Object or filesystem handle.
+        handle: Vec<u8>,
+        /// DM_CONFIG_* name, e.g. "max_attribute_size".
+        flag: String,
+    },
+    /// A call this daemon does not know: ENOSYS.
+    #[serde(other)]
+    Unknown,
+}
+
+/// DM_WRITE_SYNC.
+pub const WRITE_SYNC: u32 = 1;
+/// Largest read_invis / write_invis (the uio_resid limit).
+pub const MAX_INVIS_IO: u64 = i32::MAX as u64;
+/// Largest `nelem` / `max` a listing call accepts.
+pub const MAX_NELEM: u32 = 1 << 20;
+
+/// dm_region_t.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Region {
+    /// Start.
+    pub offset: u64,
+    /// Length; 0 is from `offset` through EOF and beyond.
+    pub size: u64,
+    /// DM_REGION_READ (1) | WRITE (2) | TRUNCATE (4); 0 is DM_REGION_NOEVENT.
+    pub flags: u8,
+}
+
+/// dm_stat_t (the fields Strata fills).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stat {
+    /// st_dev of the managed filesystem (its fsid).
+    pub dev: u64,
+    /// st_ino (the backing inode number).
+    pub ino: u64,
+    /// st_mode.
+    pub mode: u32,
+    /// st_nlink.
+    pub nlink: u64,
+    /// st_uid.
+    pub uid: u32,
+    /// st_gid.
+    pub gid: u32,
+    /// st_rdev.
+    pub rdev: u64,
+    /// st_size.
+    pub size: u64,
+    /// st_blksize.
+    pub blksize: u64,
+    /// st_blocks.
+    pub blocks: u64,
+    /// atime (s, ns).
+    pub atime: (i64, u32),
+    /// mtime (s, ns).
+    pub mtime: (i64, u32),
+    /// ctime (s, ns); also dt_dtime (DM_CONFIG_DTIME_OVERLOAD).
+    pub ctime: (i64, u32),
+    /// dt_change.
+    pub change: u64,
+    /// dt_emask: the object's event list.
+    pub events: EventSet,
+    /// The object has DM attributes.
+    pub has_dmattrs: bool,
+    /// dt_pmanreg: it has managed regions.
+    pub has_regions: bool,
+}
+
+/// dm_fileattr_t with the DM_AT_* mask as options: the fields given are set.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SetAttr {
+    /// DM_AT_MODE.
+    #[serde(default)]
+    pub mode: Option<u32>,
+    /// DM_AT_UID.
+    #[serde(default)]
+    pub uid: Option<u32>,
+    /// DM_AT_GID.
+    #[serde(default)]
+    pub gid: Option<u32>,
+    /// DM_AT_ATIME (s, ns).
+    #[serde(default)]
+    pub atime: Option<(i64, u32)>,
+    /// DM_AT_MTIME (s, ns).
+    #[serde(default)]
+    pub mtime: Option<(i64, u32)>,
+    /// DM_AT_SIZE (truncate or extend, no events).
+    #[serde(default)]
+    pub size: Option<u64>,
+}
+
+/// dm_extent_t.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Extent {
+    /// DM_EXTENT_RES (true) or DM_EXTENT_HOLE.
+    pub resident: bool,
+    /// Start.
+    pub offset: u64,
+    /// Length.
+    pub length: u64,
+}
+
+/// One object of a directory or bulk listing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    /// Name (directory listings; empty in bulk listings).
+    pub name: String,
+    /// Handle.
+    pub handle: Vec<u8>,
+    /// Attributes.
+    pub stat: Stat,
+}
+
+/// A DM attribute (dm_getall_dmattr).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DmAttr {
+    /// Name (8 bytes).
+    pub name: Vec<u8>,
+    /// Value.
+    pub value: Vec<u8>,
+}
+
+impl DmRequest {
+    /// Whether the call works on objects of managed filesystems (the filesystem layer
+    /// serves it) rather than on sessions and events.
+    pub fn is_object_call(&self) -> bool {
+        use DmRequest::*;
+        !matches!(
+            self,
+            CreateSession { .. }
+                | DestroySession { .. }
+                | QuerySession { .. }
+                | Sessions { .. }
+                | Tokens { .. }
+                | GetEvents { .. }
+                | FindEvent { .. }
+                | Respond { .. }
+                | Pending { .. }
+                | MoveEvent { .. }
+                | SendMsg { .. }
+                | RequestRight { .. }
+                | ReleaseRight { .. }
+                | UpgradeRight { .. }
+                | DowngradeRight { .. }
+                | QueryRight { .. }
+                | InitService
+                | SetDisp { .. }
+                | GetallDisp { .. }
+                | Unknown
+        )
+    }
 }
 
 /// A DM answer on the wire: `{"reply":"dm","value":{"result":...}}`.
@@ -496,6 +960,91 @@ pub enum DmReply {
     Answered {
         /// The receiving session's response.
         response: Response,
+    },
+    /// dm_init_service's version string.
+    Version {
+        /// Version.
+        version: String,
+    },
+    /// Dispositions: (filesystem, event set) pairs.
+    Dispositions {
+        /// Pairs.
+        disp: Vec<(FsId, EventSet)>,
+    },
+    /// A handle.
+    Handle {
+        /// Bytes.
+        handle: Vec<u8>,
+    },
+    /// A path.
+    Path {
+        /// Path.
+        path: String,
+    },
+    /// An object's attributes.
+    Stat {
+        /// Attributes.
+        stat: Stat,
+    },
+    /// A listing and where to go on (`None`: the end).
+    Entries {
+        /// Entries.
+        entries: Vec<Entry>,
+        /// Cursor for the next call.
+        cursor: Option<u64>,
+    },
+    /// A DM attribute value (the reply's payload).
+    Value,
+    /// DM attributes.
+    Attrs {
+        /// Attributes.
+        attrs: Vec<DmAttr>,
+    },
+    /// Managed regions.
+    Regions {
+        /// Regions.
+        regions: Vec<Region>,
+    },
+    /// dm_set_region's exactflag.
+    Exact {
+        /// Whether the regions are kept exactly as given.
+        exact: bool,
+    },
+    /// An event list.
+    EventList {
+        /// Events.
+        events: EventSet,
+    },
+    /// Extents from the offset asked and whether more follow.
+    Extents {
+        /// Extents.
+        extents: Vec<Extent>,
+        /// More follow (call again from the end of the last).
+        more: bool,
+    },
+    /// A byte range (probe_hole).
+    Range {
+        /// Start.
+        offset: u64,
+        /// Length.
+        length: u64,
+    },
+    /// Data read (the reply's payload).
+    Data,
+    /// Bytes written.
+    Written {
+        /// Count.
+        count: u64,
+    },
+    /// A configuration value.
+    Config {
+        /// Value.
+        value: u64,
+    },
+    /// The mount event of a filesystem.
+    Mountinfo {
+        /// The message.
+        message: Message,
     },
     /// The call failed with this DMAPI error.
     Error {

@@ -17,6 +17,7 @@ pub mod frame;
 pub mod nonblocking;
 mod ops;
 pub mod proto;
+pub mod session;
 pub mod shm;
 
 pub use blocking::{Client, StartWriteStatus, WriteLease};

@@ -1,0 +1,1620 @@
+//! The managed filesystem: a passthrough FUSE filesystem over a backing directory whose
+//! operations raise DMAPI events (see `docs/dmapi.md`).
+//!
+//! Every object the kernel knows is held by an `O_PATH` descriptor of the backing object
+//! (so it keeps its identity across renames and its inode number cannot be reused while the
+//! kernel may still name it), and every operation is an `*at` call relative to those
+//! descriptors. Inode numbers are the backing ones (the backing root's and 1 swap places).
+//!
+//! Files with no managed region are opened with kernel passthrough: their reads, writes
+//! and mmaps never reach the daemon. Files with regions are opened with direct I/O so that
+//! each read and write comes here with its exact range and may raise a data event.
+//!
+//! fuser dispatches requests one at a time on one thread; an operation that may wait for a
+//! DM application's answer (a synchronous event is disposed on the filesystem) runs on a
+//! thread of its own, so that other requests, including the DM application's own, go on.
+
+use crate::dm::attrs::{self, flags, Region};
+use crate::dm::handle::{Handle, HandleKind};
+use crate::dm::service::Dm;
+use crate::dm::{EventData, EventType, FsId};
+use fuser::{
+    consts, BackingId, FileAttr, FileType, Filesystem, KernelConfig, ReplyAttr, ReplyData,
+    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite,
+    ReplyXattr, Request, TimeOrNow,
+};
+use rustix::fs::{self as rfs, AtFlags, Mode, OFlags};
+use std::collections::HashMap;
+use std::ffi::{OsStr, OsString};
+use std::fs::File;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// How long the kernel may cache entries and attributes. DM calls that change an object
+/// behind the kernel's back (write_invis, punch_hole, set_fileattr) invalidate it.
+const TTL: Duration = Duration::from_secs(1);
+/// FUSE_DIRECT_IO_ALLOW_MMAP (Linux 6.6): shared mmap of files opened with direct I/O.
+const DIRECT_IO_ALLOW_MMAP: u64 = 1 << 36;
+
+/// An object the kernel knows.
+pub struct Node {
+    /// The FUSE inode number.
+    pub ino: u64,
+    /// `O_PATH` descriptor of the backing object.
+    pub fd: OwnedFd,
+    nlookup: AtomicU64,
+    /// Open files of the object.
+    pub opens: AtomicU32,
+    destroyed: AtomicBool,
+    handle: OnceLock<Vec<u8>>,
+}
+
+impl Node {
+    /// A path that reaches the object through its descriptor.
+    pub fn proc_path(&self) -> PathBuf {
+        PathBuf::from(format!("/proc/self/fd/{}", self.fd.as_raw_fd()))
+    }
+}
+
+/// An open file.
+struct Open {
+    node: Arc<Node>,
+    file: File,
+    /// Served here (regions were set when it was opened), not by kernel passthrough.
+    managed: bool,
+    /// (regions generation, regions) last read.
+    regions: Mutex<(u64, Vec<Region>)>,
+    /// Keeps the kernel's passthrough mapping alive until release.
+    _backing: Option<BackingId>,
+}
+
+/// A directory being listed: a snapshot taken at opendir.
+struct DirList {
+    dir: OwnedFd,
+    entries: Vec<(u64, FileType, OsString)>,
+}
+
+/// Who asked (copied off the request, which is not `Send`).
+#[derive(Debug, Clone, Copy)]
+struct Who {
+    uid: u32,
+    gid: u32,
+    pid: u32,
+}
+
+impl Who {
+    fn of(req: &Request<'_>) -> Who {
+        Who {
+            uid: req.uid(),
+            gid: req.gid(),
+            pid: req.pid(),
+        }
+    }
+}
+
+/// Whether process (or thread) `pid` still runs and is not being killed: a blocked
+/// operation whose caller is gone or dying is cancelled. (A task killed while its FUSE
+/// request is in the daemon's hands waits, uninterruptibly, for the answer with SIGKILL
+/// pending; it can only die once the request is answered.)
+fn alive(pid: u32) -> bool {
+    if pid == 0 {
+        return true;
+    }
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+        return false;
+    };
+    const SIGKILL_BIT: u64 = 1 << (libc::SIGKILL - 1);
+    for line in status.lines() {
+        let Some((key, value)) = line.split_once(':') else {
+            continue;
+        };
+        let value = value.trim();
+        match key {
+            "State" if value.starts_with('Z') || value.starts_with('X') => return false,
+            "SigPnd" | "ShdPnd"
+                if u64::from_str_radix(value, 16).is_ok_and(|m| m & SIGKILL_BIT != 0) =>
+            {
+                return false
+            }
+            _ => {}
+        }
+    }
+    true
+}
+
+fn errno(e: rustix::io::Errno) -> i32 {
+    e.raw_os_error()
+}
+
+fn io_errno(e: std::io::Error) -> i32 {
+    e.raw_os_error().unwrap_or(libc::EIO)
+}
+
+/// State of one mount, shared by the dispatch thread, operation threads and the DM calls.
+pub struct Shared {
+    /// The filesystem's id.
+    pub fs: FsId,
+    /// The DM service events go to.
+    pub dm: Arc<Dm>,
+    /// Mounted read-only.
+    pub read_only: bool,
+    root: Arc<Node>,
+    root_dev: u64,
+    root_ino: u64,
+    nodes: Mutex<HashMap<u64, Arc<Node>>>,
+    opens: Mutex<HashMap<u64, Arc<Open>>>,
+    dirs: Mutex<HashMap<u64, Arc<DirList>>>,
+    next_fh: AtomicU64,
+    /// Bumped when a DM call changes some object's regions.
+    pub regions_gen: AtomicU64,
+    passthrough: AtomicBool,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Shared {
+    /// The state of a mount of `backing` (an open directory) as filesystem `fs`.
+    pub fn new(
+        fs: FsId,
+        dm: Arc<Dm>,
+        backing: OwnedFd,
+        read_only: bool,
+    ) -> std::io::Result<Shared> {
+        let st = rfs::fstat(&backing)?;
+        let root = Arc::new(Node {
+            ino: fuser::FUSE_ROOT_ID,
+            fd: backing,
+            nlookup: AtomicU64::new(1),
+            opens: AtomicU32::new(0),
+            destroyed: AtomicBool::new(false),
+            handle: OnceLock::new(),
+        });
+        let mut nodes = HashMap::new();
+        nodes.insert(fuser::FUSE_ROOT_ID, root.clone());
+        Ok(Shared {
+            fs,
+            dm,
+            read_only,
+            root,
+            root_dev: st.st_dev,
+            root_ino: st.st_ino,
+            nodes: Mutex::new(nodes),
+            opens: Mutex::new(HashMap::new()),
+            dirs: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+            regions_gen: AtomicU64::new(0),
+            passthrough: AtomicBool::new(false),
+        })
+    }
+
+    /// Whether unmanaged files use kernel passthrough.
+    pub fn passthrough(&self) -> bool {
+        self.passthrough.load(Ordering::Relaxed)
+    }
+
+    /// The backing root.
+    pub fn root(&self) -> &Arc<Node> {
+        &self.root
+    }
+
+    /// FUSE inode number of a backing inode number (and back: the mapping is its own
+    /// inverse).
+    pub fn fuse_ino(&self, backing: u64) -> u64 {
+        if backing == self.root_ino {
+            fuser::FUSE_ROOT_ID
+        } else if backing == fuser::FUSE_ROOT_ID {
+            self.root_ino
+        } else {
+            backing
+        }
+    }
+
+    /// The node the kernel knows by this number, if any.
+    pub fn node(&self, ino: u64) -> Option<Arc<Node>> {
+        lock(&self.nodes).get(&ino).cloned()
+    }
+
+    fn node_or(&self, ino: u64) -> Result<Arc<Node>, i32> {
+        self.node(ino).ok_or(libc::ESTALE)
+    }
+
+    /// Whether some process maps the object (through the mount or, for passthrough files,
+    /// the backing file): `/proc/*/maps` names the device and inode of every mapping.
+    pub fn is_mapped(&self, backing_dev: u64, backing_ino: u64, fuse_dev: Option<u64>) -> bool {
+        let fuse_ino = self.fuse_ino(backing_ino);
+        let wanted = |dev: u64, ino: u64| {
+            (dev == backing_dev && ino == backing_ino)
+                || fuse_dev.is_some_and(|d| d == dev && ino == fuse_ino)
+        };
+        let Ok(procs) = std::fs::read_dir("/proc") else {
+            return false;
+        };
+        for p in procs.flatten() {
+            if !p.file_name().as_bytes().iter().all(u8::is_ascii_digit) {
+                continue;
+            }
+            let Ok(maps) = std::fs::read_to_string(p.path().join("maps")) else {
+                continue;
+            };
+            for line in maps.lines() {
+                let mut f = line.split_ascii_whitespace();
+                let (Some(_), Some(_), Some(_), Some(dev), Some(ino)) =
+                    (f.next(), f.next(), f.next(), f.next(), f.next())
+                else {
+                    continue;
+                };
+                let Some((maj, min)) = dev.split_once(':') else {
+                    continue;
+                };
+                let (Ok(maj), Ok(min), Ok(ino)) = (
+                    u32::from_str_radix(maj, 16),
+                    u32::from_str_radix(min, 16),
+                    ino.parse::<u64>(),
+                ) else {
+                    continue;
+                };
+                if ino != 0 && wanted(libc::makedev(maj, min), ino) {
+                    return true;
+                }
+            }
+        }
+        false
+    }
+
+    fn attr(&self, st: &rfs::Stat) -> FileAttr {
+        let t = |s: i64, ns: u64| {
+            if s >= 0 {
+                UNIX_EPOCH + Duration::new(s as u64, ns as u32)
+            } else {
+                UNIX_EPOCH - Duration::from_secs(s.unsigned_abs())
+            }
+        };
+        let kind = match st.st_mode & libc::S_IFMT {
+            libc::S_IFDIR => FileType::Directory,
+            libc::S_IFLNK => FileType::Symlink,
+            libc::S_IFBLK => FileType::BlockDevice,
+            libc::S_IFCHR => FileType::CharDevice,
+            libc::S_IFIFO => FileType::NamedPipe,
+            libc::S_IFSOCK => FileType::Socket,
+            _ => FileType::RegularFile,
+        };
+        FileAttr {
+            ino: self.fuse_ino(st.st_ino),
+            size: st.st_size as u64,
+            blocks: st.st_blocks as u64,
+            atime: t(st.st_atime, st.st_atime_nsec),
+            mtime: t(st.st_mtime, st.st_mtime_nsec),
+            ctime: t(st.st_ctime, st.st_ctime_nsec),
+            crtime: UNIX_EPOCH,
+            kind,
+            perm: (st.st_mode & 0o7777) as u16,
+            nlink: st.st_nlink as u32,
+            uid: st.st_uid,
+            gid: st.st_gid,
+            rdev: st.st_rdev as u32,
+            blksize: st.st_blksize as u32,
+            flags: 0,
+        }
+    }
+
+    fn stat(&self, node: &Node) -> Result<(rfs::Stat, FileAttr), i32> {
+        let st = rfs::fstat(&node.fd).map_err(errno)?;
+        let a = self.attr(&st);
+        Ok((st, a))
+    }
+
+    /// Look `name` up in `parent`: the node (its lookup count taken) and attributes.
+    fn lookup_node(&self, parent: &Node, name: &OsStr) -> Result<(Arc<Node>, FileAttr), i32> {
+        let fd = rfs::openat(
+            &parent.fd,
+            name,
+            OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(errno)?;
+        let st = rfs::fstat(&fd).map_err(errno)?;
+        if st.st_dev != self.root_dev {
+            // another filesystem mounted inside the backing directory: inode numbers
+            // would collide, so it is not served
+            return Err(libc::EXDEV);
+        }
+        let ino = self.fuse_ino(st.st_ino);
+        let (node, new) = {
+            let mut nodes = lock(&self.nodes);
+            match nodes.get(&ino) {
+                Some(n) => {
+                    n.nlookup.fetch_add(1, Ordering::Relaxed);
+                    (n.clone(), false)
+                }
+                None => {
+                    let n = Arc::new(Node {
+                        ino,
+                        fd,
+                        nlookup: AtomicU64::new(1),
+                        opens: AtomicU32::new(0),
+                        destroyed: AtomicBool::new(false),
+                        handle: OnceLock::new(),
+                    });
+                    nodes.insert(ino, n.clone());
+                    (n, true)
+                }
+            }
+        };
+        if new && self.generated(EventType::Debut, &node) {
+            self.post(
+                EventType::Debut,
+                ns(
+                    st.st_mode,
+                    self.handle_of(&node),
+                    vec![],
+                    name,
+                    OsStr::new(""),
+                    0,
+                ),
+            );
+        }
+        Ok((node, self.attr(&st)))
+    }
+
+    fn forget(&self, ino: u64, n: u64) {
+        if ino == fuser::FUSE_ROOT_ID {
+            return;
+        }
+        let mut nodes = lock(&self.nodes);
+        if let Some(node) = nodes.get(&ino) {
+            let left = node.nlookup.load(Ordering::Relaxed).saturating_sub(n);
+            node.nlookup.store(left, Ordering::Relaxed);
+            if left == 0 {
+                nodes.remove(&ino);
+            }
+        }
+    }
+
+    /// The DM handle of a node.
+    pub fn handle_of(&self, node: &Node) -> Vec<u8> {
+        node.handle
+            .get_or_init(|| {
+                Handle::of_fd(self.fs, node.fd.as_fd())
+                    .map(|h| h.encode())
+                    .unwrap_or_default()
+            })
+            .clone()
+    }
+
+    /// The filesystem's handle.
+    pub fn fs_handle(&self) -> Vec<u8> {
+        Handle {
+            fs: self.fs,
+            kind: HandleKind::Fs,
+            ktype: 0,
+            kbytes: vec![],
+        }
+        .encode()
+    }
+
+    /// Whether an event of `kind` about `obj` is generated and goes to a session: it is
+    /// disposed on the filesystem and in the filesystem's or the object's event list.
+    pub(crate) fn generated(&self, kind: EventType, obj: &Node) -> bool {
+        if !self.dm.disposed(self.fs, kind) {
+            return false;
+        }
+        self.dm.fs_events(self.fs).contains(kind)
+            || attrs::get_eventlist(&obj.proc_path()).is_ok_and(|s| s.contains(kind))
+    }
+
+    /// A synchronous event about `obj` (when generated): waits for the answer.
+    fn pre(
+        &self,
+        who: Who,
+        kind: EventType,
+        obj: &Node,
+        data: impl FnOnce() -> EventData,
+    ) -> Result<(), i32> {
+        if !self.generated(kind, obj) {
+            return Ok(());
+        }
+        self.raise_wait(who, kind, data())
+    }
+
+    fn raise_wait(&self, who: Who, kind: EventType, data: EventData) -> Result<(), i32> {
+        let r = self.dm.raise(self.fs, kind, data);
+        self.dm.wait(r, &|| alive(who.pid))
+    }
+
+    /// An asynchronous event (already known to be generated).
+    fn post(&self, kind: EventType, data: EventData) {
+        let _ = self.dm.raise(self.fs, kind, data);
+    }
+
+    fn post_if(&self, kind: EventType, obj: &Node, data: impl FnOnce() -> EventData) {
+        if self.generated(kind, obj) {
+            self.post(kind, data());
+        }
+    }
+
+    /// Run a backing operation; when it fails with ENOSPC, raise NOSPACE and, if the DM
+    /// application answers continue (it freed space), try once more.
+    fn nospace<T>(&self, who: Who, mut f: impl FnMut() -> Result<T, i32>) -> Result<T, i32> {
+        match f() {
+            Err(libc::ENOSPC) if self.generated(EventType::Nospace, &self.root) => {
+                let data = ns(
+                    0,
+                    self.fs_handle(),
+                    vec![],
+                    OsStr::new(""),
+                    OsStr::new(""),
+                    0,
+                );
+                self.raise_wait(who, EventType::Nospace, data)?;
+                f()
+            }
+            r => r,
+        }
+    }
+
+    /// Whether an operation on this filesystem may wait for a DM application.
+    fn may_block(&self) -> bool {
+        self.dm.may_block(self.fs)
+    }
+
+    /// The last link and the last open of `node` are gone: DESTROY (once).
+    fn maybe_destroy(&self, node: &Arc<Node>) {
+        if node.opens.load(Ordering::Acquire) != 0 {
+            return;
+        }
+        let Ok(st) = rfs::fstat(&node.fd) else {
+            return;
+        };
+        if st.st_nlink != 0 || node.destroyed.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        if !self.generated(EventType::Destroy, node) {
+            return;
+        }
+        let (attr_name, attr_copy) = match self.dm.fs_record(self.fs).and_then(|r| r.destroy_attr) {
+            Some(name) => (
+                name,
+                attrs::get_dmattr(&node.proc_path(), &name).unwrap_or_default(),
+            ),
+            None => ([0; 8], vec![]),
+        };
+        self.post(
+            EventType::Destroy,
+            EventData::Destroy {
+                handle: self.handle_of(node),
+                attr_name,
+                attr_copy,
+            },
+        );
+    }
+
+    /// Make `name` in `parent` belong to the caller (the daemon creates as root), with
+    /// exactly `mode` (the caller's umask is applied by the kernel; the daemon's must not
+    /// be).
+    fn own(&self, who: Who, parent: &Node, name: &OsStr, mode: Option<u32>) -> Result<(), i32> {
+        let pst = rfs::fstat(&parent.fd).map_err(errno)?;
+        let setgid_dir = pst.st_mode & libc::S_ISGID != 0;
+        rfs::chownat(
+            &parent.fd,
+            name,
+            Some(rustix::fs::Uid::from_raw(who.uid)),
+            (!setgid_dir).then(|| rustix::fs::Gid::from_raw(who.gid)),
+            AtFlags::SYMLINK_NOFOLLOW,
+        )
+        .map_err(errno)?;
+        if let Some(m) = mode {
+            let st = rfs::statat(&parent.fd, name, AtFlags::SYMLINK_NOFOLLOW).map_err(errno)?;
+            let mut m = m & 0o7777;
+            if setgid_dir && st.st_mode & libc::S_IFMT == libc::S_IFDIR {
+                m |= libc::S_ISGID;
+            }
+            rfs::chmodat(&parent.fd, name, Mode::from_raw_mode(m), AtFlags::empty())
+                .map_err(errno)?;
+        }
+        Ok(())
+    }
+
+    /// mknod / mkdir / symlink with their namespace events.
+    fn make(
+        &self,
+        who: Who,
+        parent: &Arc<Node>,
+        name: &OsStr,
+        mode: u32,
+        what: Make<'_>,
+    ) -> Result<FileAttr, i32> {
+        let (pre, post) = match what {
+            Make::Symlink(_) => (EventType::Symlink, EventType::Postsymlink),
+            _ => (EventType::Create, EventType::Postcreate),
+        };
+        let target = match &what {
+            Make::Symlink(t) => t.as_os_str(),
+            _ => OsStr::new(""),
+        };
+        let ph = || self.handle_of(parent);
+        self.pre(who, pre, parent, || ns(mode, ph(), vec![], name, target, 0))?;
+        let r = self.nospace(who, || {
+            match &what {
+                Make::Node(rdev) => rfs::mknodat(
+                    &parent.fd,
+                    name,
+                    rfs::FileType::from_raw_mode(mode),
+                    Mode::from_raw_mode(mode & 0o7777),
+                    *rdev,
+                ),
+                Make::Dir => rfs::mkdirat(&parent.fd, name, Mode::from_raw_mode(mode & 0o7777)),
+                Make::Symlink(t) => rfs::symlinkat(*t, &parent.fd, name),
+            }
+            .map_err(errno)?;
+            let own = self.own(
+                who,
+                parent,
+                name,
+                (!matches!(what, Make::Symlink(_))).then_some(mode),
+            );
+            if let Err(e) = own {
+                let _ = rfs::unlinkat(
+                    &parent.fd,
+                    name,
+                    if matches!(what, Make::Dir) {
+                        AtFlags::REMOVEDIR
+                    } else {
+                        AtFlags::empty()
+                    },
+                );
+                return Err(e);
+            }
+            Ok(())
+        });
+        let r = r.and_then(|()| self.lookup_node(parent, name));
+        self.post_if(post, parent, || match &r {
+            Ok((n, _)) => ns(mode, ph(), self.handle_of(n), name, target, 0),
+            Err(e) => ns(mode, ph(), vec![], name, target, *e),
+        });
+        r.map(|(_, a)| a)
+    }
+
+    fn remove(&self, who: Who, parent: &Arc<Node>, name: &OsStr, dir: bool) -> Result<(), i32> {
+        let st = rfs::statat(&parent.fd, name, AtFlags::SYMLINK_NOFOLLOW).map_err(errno)?;
+        let victim = self.node(self.fuse_ino(st.st_ino));
+        let ph = || self.handle_of(parent);
+        self.pre(who, EventType::Remove, parent, || {
+            ns(st.st_mode, ph(), vec![], name, OsStr::new(""), 0)
+        })?;
+        let r = rfs::unlinkat(
+            &parent.fd,
+            name,
+            if dir {
+                AtFlags::REMOVEDIR
+            } else {
+                AtFlags::empty()
+            },
+        )
+        .map_err(errno);
+        self.post_if(EventType::Postremove, parent, || {
+            ns(
+                st.st_mode,
+                ph(),
+                vec![],
+                name,
+                OsStr::new(""),
+                r.err().unwrap_or(0),
+            )
+        });
+        if let (Ok(()), Some(v)) = (&r, victim) {
+            self.maybe_destroy(&v);
+        }
+        r
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn rename(
+        &self,
+        who: Who,
+        parent: &Arc<Node>,
+        name: &OsStr,
+        newparent: &Arc<Node>,
+        newname: &OsStr,
+        flags: u32,
+    ) -> Result<(), i32> {
+        let st = rfs::statat(&parent.fd, name, AtFlags::SYMLINK_NOFOLLOW).map_err(errno)?;
+        let victim = rfs::statat(&newparent.fd, newname, AtFlags::SYMLINK_NOFOLLOW)
+            .ok()
+            .and_then(|v| self.node(self.fuse_ino(v.st_ino)));
+        let h = || (self.handle_of(parent), self.handle_of(newparent));
+        self.pre(who, EventType::Rename, parent, || {
+            let (a, b) = h();
+            ns(st.st_mode, a, b, name, newname, 0)
+        })?;
+        let r = rfs::renameat_with(
+            &parent.fd,
+            name,
+            &newparent.fd,
+            newname,
+            rfs::RenameFlags::from_bits_retain(flags),
+        )
+        .map_err(errno);
+        self.post_if(EventType::Postrename, parent, || {
+            let (a, b) = h();
+            ns(st.st_mode, a, b, name, newname, r.err().unwrap_or(0))
+        });
+        if let (Ok(()), Some(v)) = (&r, victim) {
+            self.maybe_destroy(&v);
+        }
+        r
+    }
+
+    fn link(
+        &self,
+        who: Who,
+        node: &Arc<Node>,
+        newparent: &Arc<Node>,
+        newname: &OsStr,
+    ) -> Result<FileAttr, i32> {
+        let st = rfs::fstat(&node.fd).map_err(errno)?;
+        let h = || (self.handle_of(newparent), self.handle_of(node));
+        self.pre(who, EventType::Link, newparent, || {
+            let (a, b) = h();
+            ns(st.st_mode, a, b, newname, OsStr::new(""), 0)
+        })?;
+        let r = self
+            .nospace(who, || {
+                rfs::linkat(&node.fd, "", &newparent.fd, newname, AtFlags::EMPTY_PATH)
+                    .map_err(errno)
+            })
+            .and_then(|()| self.lookup_node(newparent, newname));
+        self.post_if(EventType::Postlink, newparent, || {
+            let (a, b) = h();
+            ns(
+                st.st_mode,
+                a,
+                b,
+                newname,
+                OsStr::new(""),
+                r.as_ref().err().copied().unwrap_or(0),
+            )
+        });
+        r.map(|(_, a)| a)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn setattr(
+        &self,
+        who: Who,
+        node: &Arc<Node>,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        fh: Option<u64>,
+    ) -> Result<FileAttr, i32> {
+        let path = node.proc_path();
+        if let Some(size) = size {
+            let regions = attrs::get_regions(&path).unwrap_or_default();
+            if attrs::raises(&regions, size, u64::MAX - size, flags::TRUNCATE)
+                && self.dm.disposed(self.fs, EventType::Truncate)
+            {
+                let data = EventData::Data {
+                    handle: self.handle_of(node),
+                    offset: size,
+                    length: 0,
+                };
+                self.raise_wait(who, EventType::Truncate, data)?;
+            }
+            let open = fh.and_then(|fh| lock(&self.opens).get(&fh).cloned());
+            self.nospace(who, || match &open {
+                Some(o) => rfs::ftruncate(&o.file, size).map_err(errno),
+                None => {
+                    let f = rfs::openat(
+                        rfs::CWD,
+                        &path,
+                        OFlags::WRONLY | OFlags::CLOEXEC,
+                        Mode::empty(),
+                    )
+                    .map_err(errno)?;
+                    rfs::ftruncate(&f, size).map_err(errno)
+                }
+            })?;
+        }
+        if uid.is_some() || gid.is_some() {
+            rfs::chownat(
+                &node.fd,
+                "",
+                uid.map(rustix::fs::Uid::from_raw),
+                gid.map(rustix::fs::Gid::from_raw),
+                AtFlags::EMPTY_PATH | AtFlags::SYMLINK_NOFOLLOW,
+            )
+            .map_err(errno)?;
+        }
+        if let Some(m) = mode {
+            rfs::chmodat(
+                rfs::CWD,
+                &path,
+                Mode::from_raw_mode(m & 0o7777),
+                AtFlags::empty(),
+            )
+            .map_err(errno)?;
+        }
+        if atime.is_some() || mtime.is_some() {
+            let ts = |t: Option<TimeOrNow>| match t {
+                None => rfs::Timespec {
+                    tv_sec: 0,
+                    tv_nsec: rfs::UTIME_OMIT,
+                },
+                Some(TimeOrNow::Now) => rfs::Timespec {
+                    tv_sec: 0,
+                    tv_nsec: rfs::UTIME_NOW,
+                },
+                Some(TimeOrNow::SpecificTime(t)) => match t.duration_since(UNIX_EPOCH) {
+                    Ok(d) => rfs::Timespec {
+                        tv_sec: d.as_secs() as i64,
+                        tv_nsec: d.subsec_nanos() as _,
+                    },
+                    Err(e) => {
+                        let d = e.duration();
+                        let mut s = -(d.as_secs() as i64);
+                        let mut ns = d.subsec_nanos() as i64;
+                        if ns > 0 {
+                            s -= 1;
+                            ns = 1_000_000_000 - ns;
+                        }
+                        rfs::Timespec {
+                            tv_sec: s,
+                            tv_nsec: ns as _,
+                        }
+                    }
+                },
+            };
+            let times = rfs::Timestamps {
+                last_access: ts(atime),
+                last_modification: ts(mtime),
+            };
+            rfs::utimensat(
+                &node.fd,
+                "",
+                &times,
+                AtFlags::EMPTY_PATH | AtFlags::SYMLINK_NOFOLLOW,
+            )
+            .map_err(errno)?;
+        }
+        let (st, a) = self.stat(node)?;
+        self.post_if(EventType::Attribute, node, || {
+            ns(
+                st.st_mode,
+                self.handle_of(node),
+                vec![],
+                OsStr::new(""),
+                OsStr::new(""),
+                0,
+            )
+        });
+        Ok(a)
+    }
+
+    /// Open the backing file: (fh, file, managed, regions).
+    fn open(&self, node: &Arc<Node>, flags: i32) -> Result<(u64, File, Vec<Region>), i32> {
+        let path = node.proc_path();
+        let regions = attrs::get_regions(&path).unwrap_or_default();
+        let mut f = flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY | libc::O_TRUNC);
+        if !regions.is_empty() {
+            // the kernel gives the offset of every write; the backing file must not move it
+            f &= !libc::O_APPEND;
+        }
+        let fd = rfs::openat(
+            rfs::CWD,
+            &path,
+            OFlags::from_bits_retain(f as u32) | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(errno)?;
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        Ok((fh, File::from(fd), regions))
+    }
+
+    fn release(&self, fh: u64) {
+        let Some(open) = lock(&self.opens).remove(&fh) else {
+            return;
+        };
+        let node = open.node.clone();
+        drop(open);
+        node.opens.fetch_sub(1, Ordering::AcqRel);
+        self.post_if(EventType::Close, &node, || {
+            ns(
+                0,
+                self.handle_of(&node),
+                vec![],
+                OsStr::new(""),
+                OsStr::new(""),
+                0,
+            )
+        });
+        self.maybe_destroy(&node);
+    }
+
+    fn open_of(&self, fh: u64) -> Result<Arc<Open>, i32> {
+        lock(&self.opens).get(&fh).cloned().ok_or(libc::EBADF)
+    }
+
+    /// Whether an access of a managed open file raises a data event (it must then run off
+    /// the dispatch thread).
+    fn raises(&self, open: &Open, offset: u64, len: u64, flag: u8, kind: EventType) -> bool {
+        if !open.managed || !self.dm.disposed(self.fs, kind) {
+            return false;
+        }
+        let gen = self.regions_gen.load(Ordering::Acquire);
+        let mut r = lock(&open.regions);
+        if r.0 != gen {
+            *r = (
+                gen,
+                attrs::get_regions(&open.node.proc_path()).unwrap_or_default(),
+            );
+        }
+        attrs::raises(&r.1, offset, len, flag)
+    }
+
+    fn read(
+        &self,
+        who: Who,
+        open: &Open,
+        offset: u64,
+        size: u32,
+        event: bool,
+    ) -> Result<Vec<u8>, i32> {
+        if event {
+            let data = EventData::Data {
+                handle: self.handle_of(&open.node),
+                offset,
+                length: size as u64,
+            };
+            self.raise_wait(who, EventType::Read, data)?;
+        }
+        let mut buf = vec![0u8; size as usize];
+        let mut n = 0;
+        while n < buf.len() {
+            match open.file.read_at(&mut buf[n..], offset + n as u64) {
+                Ok(0) => break,
+                Ok(k) => n += k,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(io_errno(e)),
+            }
+        }
+        buf.truncate(n);
+        Ok(buf)
+    }
+
+    fn write(
+        &self,
+        who: Who,
+        open: &Open,
+        offset: u64,
+        data: &[u8],
+        event: bool,
+    ) -> Result<u32, i32> {
+        if event {
+            let ev = EventData::Data {
+                handle: self.handle_of(&open.node),
+                offset,
+                length: data.len() as u64,
+            };
+            self.raise_wait(who, EventType::Write, ev)?;
+        }
+        self.nospace(who, || {
+            open.file.write_all_at(data, offset).map_err(io_errno)
+        })?;
+        Ok(data.len() as u32)
+    }
+
+    fn opendir(&self, node: &Node) -> Result<u64, i32> {
+        let dir = rfs::openat(
+            rfs::CWD,
+            node.proc_path(),
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(errno)?;
+        let mut entries = Vec::new();
+        let mut d = rfs::Dir::read_from(&dir).map_err(errno)?;
+        while let Some(e) = d.read() {
+            let e = e.map_err(errno)?;
+            let kind = match e.file_type() {
+                rfs::FileType::Directory => FileType::Directory,
+                rfs::FileType::Symlink => FileType::Symlink,
+                rfs::FileType::BlockDevice => FileType::BlockDevice,
+                rfs::FileType::CharacterDevice => FileType::CharDevice,
+                rfs::FileType::Fifo => FileType::NamedPipe,
+                rfs::FileType::Socket => FileType::Socket,
+                _ => FileType::RegularFile,
+            };
+            let name = OsStr::from_bytes(e.file_name().to_bytes()).to_os_string();
+            let ino = if name == "." {
+                node.ino
+            } else if name == ".." && node.ino == fuser::FUSE_ROOT_ID {
+                // the backing root's parent is outside the filesystem
+                fuser::FUSE_ROOT_ID
+            } else {
+                self.fuse_ino(e.ino())
+            };
+            entries.push((ino, kind, name));
+        }
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        lock(&self.dirs).insert(fh, Arc::new(DirList { dir, entries }));
+        Ok(fh)
+    }
+
+    fn getxattr(&self, node: &Node, name: &OsStr, size: u32) -> Result<Vec<u8>, i32> {
+        if attrs::is_hidden(name) {
+            return Err(libc::ENODATA);
+        }
+        let path = node.proc_path();
+        if size == 0 {
+            let n = rfs::getxattr_query(&path, name).map_err(errno)?;
+            return Ok(vec![0; n]);
+        }
+        let mut buf = vec![0u8; size as usize];
+        let n = rfs::getxattr(&path, name, &mut buf[..]).map_err(errno)?;
+        buf.truncate(n);
+        Ok(buf)
+    }
+
+    fn listxattr(&self, node: &Node) -> Result<Vec<u8>, i32> {
+        let path = node.proc_path();
+        let n = rfs::listxattr_query(&path).map_err(errno)?;
+        let mut buf = vec![0u8; n + 256];
+        let n = rfs::listxattr(&path, &mut buf[..]).map_err(errno)?;
+        buf.truncate(n);
+        let mut out = Vec::with_capacity(n);
+        for name in buf.split(|b| *b == 0).filter(|n| !n.is_empty()) {
+            if !attrs::is_hidden(OsStr::from_bytes(name)) {
+                out.extend_from_slice(name);
+                out.push(0);
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// What `make` creates.
+enum Make<'a> {
+    Node(u64),
+    Dir,
+    Symlink(&'a std::path::Path),
+}
+
+/// A dm_namesp_event_t.
+fn ns(
+    mode: u32,
+    h1: Vec<u8>,
+    h2: Vec<u8>,
+    name1: &OsStr,
+    name2: &OsStr,
+    retcode: i32,
+) -> EventData {
+    EventData::Namespace {
+        mode,
+        handle1: h1,
+        handle2: h2,
+        name1: name1.to_string_lossy().into_owned(),
+        name2: name2.to_string_lossy().into_owned(),
+        retcode,
+    }
+}
+
+/// The fuser filesystem: the dispatch thread's side.
+pub struct ManagedFs {
+    s: Arc<Shared>,
+}
+
+impl ManagedFs {
+    /// A filesystem over `shared`.
+    pub fn new(s: Arc<Shared>) -> ManagedFs {
+        ManagedFs { s }
+    }
+
+    /// Run `job` here, or on a thread of its own when it may wait for a DM application.
+    fn run(&self, blocking: bool, job: impl FnOnce(&Shared) + Send + 'static) {
+        if blocking {
+            let s = self.s.clone();
+            // if no thread can be started, the dropped reply answers EIO
+            let _ = std::thread::Builder::new()
+                .name("strata-fs-op".into())
+                .spawn(move || job(&s));
+        } else {
+            job(&self.s)
+        }
+    }
+
+    fn rofs(&self) -> bool {
+        self.s.read_only
+    }
+}
+
+macro_rules! node_or_reply {
+    ($s:expr, $ino:expr, $reply:ident) => {
+        match $s.node_or($ino) {
+            Ok(n) => n,
+            Err(e) => return $reply.error(e),
+        }
+    };
+}
+
+impl Filesystem for ManagedFs {
+    fn init(&mut self, _req: &Request<'_>, config: &mut KernelConfig) -> Result<(), libc::c_int> {
+        if config.add_capabilities(consts::FUSE_PASSTHROUGH).is_ok()
+            && config.set_max_stack_depth(2).is_ok()
+        {
+            self.s.passthrough.store(true, Ordering::Relaxed);
+        } else {
+            tracing::warn!(
+                fs = self.s.fs,
+                "kernel passthrough unavailable: unmanaged files are served by the daemon"
+            );
+        }
+        let _ = config.add_capabilities(DIRECT_IO_ALLOW_MMAP);
+        Ok(())
+    }
+
+    fn lookup(&mut self, _req: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEntry) {
+        let p = node_or_reply!(self.s, parent, reply);
+        match self.s.lookup_node(&p, name) {
+            Ok((_, a)) => reply.entry(&TTL, &a, 0),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn forget(&mut self, _req: &Request<'_>, ino: u64, nlookup: u64) {
+        self.s.forget(ino, nlookup);
+    }
+
+    fn batch_forget(&mut self, _req: &Request<'_>, nodes: &[fuser::fuse_forget_one]) {
+        for n in nodes {
+            self.s.forget(n.nodeid, n.nlookup);
+        }
+    }
+
+    fn getattr(&mut self, _req: &Request<'_>, ino: u64, _fh: Option<u64>, reply: ReplyAttr) {
+        let n = node_or_reply!(self.s, ino, reply);
+        match self.s.stat(&n) {
+            Ok((_, a)) => reply.attr(&TTL, &a),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn setattr(
+        &mut self,
+        req: &Request<'_>,
+        ino: u64,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        fh: Option<u64>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<u32>,
+        reply: ReplyAttr,
+    ) {
+        let n = node_or_reply!(self.s, ino, reply);
+        let who = Who::of(req);
+        let blocking = size.is_some() && self.s.may_block();
+        self.run(blocking, move |s| {
+            match s.setattr(who, &n, mode, uid, gid, size, atime, mtime, fh) {
+                Ok(a) => reply.attr(&TTL, &a),
+                Err(e) => reply.error(e),
+            }
+        });
+    }
+
+    fn readlink(&mut self, _req: &Request<'_>, ino: u64, reply: ReplyData) {
+        let n = node_or_reply!(self.s, ino, reply);
+        match rfs::readlinkat(&n.fd, "", Vec::new()) {
+            Ok(t) => reply.data(t.as_bytes()),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn mknod(
+        &mut self,
+        req: &Request<'_>,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        let p = node_or_reply!(self.s, parent, reply);
+        let (who, name) = (Who::of(req), name.to_os_string());
+        self.run(self.s.may_block(), move |s| {
+            match s.make(who, &p, &name, mode, Make::Node(rdev as u64)) {
+                Ok(a) => reply.entry(&TTL, &a, 0),
+                Err(e) => reply.error(e),
+            }
+        });
+    }
+
+    fn mkdir(
+        &mut self,
+        req: &Request<'_>,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        reply: ReplyEntry,
+    ) {
+        let p = node_or_reply!(self.s, parent, reply);
+        let (who, name) = (Who::of(req), name.to_os_string());
+        self.run(self.s.may_block(), move |s| {
+            match s.make(who, &p, &name, mode | libc::S_IFDIR, Make::Dir) {
+                Ok(a) => reply.entry(&TTL, &a, 0),
+                Err(e) => reply.error(e),
+            }
+        });
+    }
+
+    fn unlink(&mut self, req: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEmpty) {
+        let p = node_or_reply!(self.s, parent, reply);
+        let (who, name) = (Who::of(req), name.to_os_string());
+        self.run(self.s.may_block(), move |s| {
+            match s.remove(who, &p, &name, false) {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(e),
+            }
+        });
+    }
+
+    fn rmdir(&mut self, req: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEmpty) {
+        let p = node_or_reply!(self.s, parent, reply);
+        let (who, name) = (Who::of(req), name.to_os_string());
+        self.run(self.s.may_block(), move |s| {
+            match s.remove(who, &p, &name, true) {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(e),
+            }
+        });
+    }
+
+    fn symlink(
+        &mut self,
+        req: &Request<'_>,
+        parent: u64,
+        link_name: &OsStr,
+        target: &std::path::Path,
+        reply: ReplyEntry,
+    ) {
+        let p = node_or_reply!(self.s, parent, reply);
+        let (who, name, target) = (Who::of(req), link_name.to_os_string(), target.to_path_buf());
+        self.run(self.s.may_block(), move |s| {
+            match s.make(
+                who,
+                &p,
+                &name,
+                libc::S_IFLNK | 0o777,
+                Make::Symlink(&target),
+            ) {
+                Ok(a) => reply.entry(&TTL, &a, 0),
+                Err(e) => reply.error(e),
+            }
+        });
+    }
+
+    fn rename(
+        &mut self,
+        req: &Request<'_>,
+        parent: u64,
+        name: &OsStr,
+        newparent: u64,
+        newname: &OsStr,
+        flags: u32,
+        reply: ReplyEmpty,
+    ) {
+        let p = node_or_reply!(self.s, parent, reply);
+        let np = node_or_reply!(self.s, newparent, reply);
+        let (who, name, newname) = (Who::of(req), name.to_os_string(), newname.to_os_string());
+        self.run(self.s.may_block(), move |s| {
+            match s.rename(who, &p, &name, &np, &newname, flags) {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(e),
+            }
+        });
+    }
+
+    fn link(
+        &mut self,
+        req: &Request<'_>,
+        ino: u64,
+        newparent: u64,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        let n = node_or_reply!(self.s, ino, reply);
+        let np = node_or_reply!(self.s, newparent, reply);
+        let (who, newname) = (Who::of(req), newname.to_os_string());
+        self.run(self.s.may_block(), move |s| {
+            match s.link(who, &n, &np, &newname) {
+                Ok(a) => reply.entry(&TTL, &a, 0),
+                Err(e) => reply.error(e),
+            }
+        });
+    }
+
+    fn open(&mut self, _req: &Request<'_>, ino: u64, flags: i32, reply: ReplyOpen) {
+        let n = node_or_reply!(self.s, ino, reply);
+        let (fh, file, regions) = match self.s.open(&n, flags) {
+            Ok(x) => x,
+            Err(e) => return reply.error(e),
+        };
+        let managed = !regions.is_empty();
+        let mut backing = None;
+        if !managed && self.s.passthrough.load(Ordering::Relaxed) {
+            match reply.open_backing(&file) {
+                Ok(id) => backing = Some(id),
+                Err(e) => {
+                    tracing::warn!(
+                        fs = self.s.fs,
+                        "passthrough open failed ({e}): served by the daemon"
+                    );
+                    self.s.passthrough.store(false, Ordering::Relaxed);
+                }
+            }
+        }
+        let passthrough = backing.is_some();
+        let open = Arc::new(Open {
+            node: n.clone(),
+            file,
+            managed,
+            regions: Mutex::new((self.s.regions_gen.load(Ordering::Acquire), regions)),
+            _backing: backing,
+        });
+        n.opens.fetch_add(1, Ordering::AcqRel);
+        lock(&self.s.opens).insert(fh, open.clone());
+        match &open._backing {
+            Some(id) if passthrough => reply.opened_passthrough(fh, 0, id),
+            _ if managed => reply.opened(fh, consts::FOPEN_DIRECT_IO),
+            _ => reply.opened(fh, 0),
+        }
+    }
+
+    fn read(
+        &mut self,
+        req: &Request<'_>,
+        _ino: u64,
+        fh: u64,
+        offset: i64,
+        size: u32,
+        _flags: i32,
+        _lock_owner: Option<u64>,
+        reply: ReplyData,
+    ) {
+        let open = match self.s.open_of(fh) {
+            Ok(o) => o,
+            Err(e) => return reply.error(e),
+        };
+        let who = Who::of(req);
+        let offset = offset.max(0) as u64;
+        let event = self
+            .s
+            .raises(&open, offset, size as u64, flags::READ, EventType::Read);
+        self.run(event, move |s| {
+            match s.read(who, &open, offset, size, event) {
+                Ok(d) => reply.data(&d),
+                Err(e) => reply.error(e),
+            }
+        });
+    }
+
+    fn write(
+        &mut self,
+        req: &Request<'_>,
+        _ino: u64,
+        fh: u64,
+        offset: i64,
+        data: &[u8],
+        _write_flags: u32,
+        _flags: i32,
+        _lock_owner: Option<u64>,
+        reply: ReplyWrite,
+    ) {
+        if self.rofs() {
+            return reply.error(libc::EROFS);
+        }
+        let open = match self.s.open_of(fh) {
+            Ok(o) => o,
+            Err(e) => return reply.error(e),
+        };
+        let who = Who::of(req);
+        let offset = offset.max(0) as u64;
+        let event = self.s.raises(
+            &open,
+            offset,
+            data.len() as u64,
+            flags::WRITE,
+            EventType::Write,
+        );
+        if !event && !self.s.dm.disposed(self.s.fs, EventType::Nospace) {
+            return match self.s.write(who, &open, offset, data, false) {
+                Ok(n) => reply.written(n),
+                Err(e) => reply.error(e),
+            };
+        }
+        let data = data.to_vec();
+        self.run(true, move |s| {
+            match s.write(who, &open, offset, &data, event) {
+                Ok(n) => reply.written(n),
+                Err(e) => reply.error(e),
+            }
+        });
+    }
+
+    fn flush(
+        &mut self,
+        _req: &Request<'_>,
+        _ino: u64,
+        _fh: u64,
+        _lock_owner: u64,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
+    }
+
+    fn release(
+        &mut self,
+        _req: &Request<'_>,
+        _ino: u64,
+        fh: u64,
+        _flags: i32,
+        _lock_owner: Option<u64>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.s.release(fh);
+        reply.ok();
+    }
+
+    fn fsync(&mut self, _req: &Request<'_>, _ino: u64, fh: u64, datasync: bool, reply: ReplyEmpty) {
+        let open = match self.s.open_of(fh) {
+            Ok(o) => o,
+            Err(e) => return reply.error(e),
+        };
+        self.run(true, move |_| {
+            let r = if datasync {
+                rfs::fdatasync(&open.file)
+            } else {
+                rfs::fsync(&open.file)
+            };
+            match r {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(errno(e)),
+            }
+        });
+    }
+
+    fn opendir(&mut self, _req: &Request<'_>, ino: u64, _flags: i32, reply: ReplyOpen) {
+        let n = node_or_reply!(self.s, ino, reply);
+        match self.s.opendir(&n) {
+            Ok(fh) => reply.opened(fh, 0),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn readdir(
+        &mut self,
+        _req: &Request<'_>,
+        _ino: u64,
+        fh: u64,
+        offset: i64,
+        mut reply: ReplyDirectory,
+    ) {
+        let Some(d) = lock(&self.s.dirs).get(&fh).cloned() else {
+            return reply.error(libc::EBADF);
+        };
+        for (i, (ino, kind, name)) in d.entries.iter().enumerate().skip(offset.max(0) as usize) {
+            if reply.add(*ino, (i + 1) as i64, *kind, name) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn releasedir(
+        &mut self,
+        _req: &Request<'_>,
+        _ino: u64,
+        fh: u64,
+        _flags: i32,
+        reply: ReplyEmpty,
+    ) {
+        lock(&self.s.dirs).remove(&fh);
+        reply.ok();
+    }
+
+    fn fsyncdir(
+        &mut self,
+        _req: &Request<'_>,
+        _ino: u64,
+        fh: u64,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        let Some(d) = lock(&self.s.dirs).get(&fh).cloned() else {
+            return reply.error(libc::EBADF);
+        };
+        match rfs::fsync(&d.dir) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn statfs(&mut self, _req: &Request<'_>, _ino: u64, reply: ReplyStatfs) {
+        match rfs::fstatvfs(&self.s.root.fd) {
+            Ok(v) => reply.statfs(
+                v.f_blocks,
+                v.f_bfree,
+                v.f_bavail,
+                v.f_files,
+                v.f_ffree,
+                v.f_bsize as u32,
+                v.f_namemax as u32,
+                v.f_frsize as u32,
+            ),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn setxattr(
+        &mut self,
+        _req: &Request<'_>,
+        ino: u64,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        if attrs::is_hidden(name) {
+            return reply.error(libc::EPERM);
+        }
+        let n = node_or_reply!(self.s, ino, reply);
+        match rfs::setxattr(
+            n.proc_path(),
+            name,
+            value,
+            rfs::XattrFlags::from_bits_retain(flags as u32),
+        ) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn getxattr(
+        &mut self,
+        _req: &Request<'_>,
+        ino: u64,
+        name: &OsStr,
+        size: u32,
+        reply: ReplyXattr,
+    ) {
+        let n = node_or_reply!(self.s, ino, reply);
+        match self.s.getxattr(&n, name, size) {
+            Ok(v) if size == 0 => reply.size(v.len() as u32),
+            Ok(v) => reply.data(&v),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn listxattr(&mut self, _req: &Request<'_>, ino: u64, size: u32, reply: ReplyXattr) {
+        let n = node_or_reply!(self.s, ino, reply);
+        match self.s.listxattr(&n) {
+            Ok(v) if size == 0 => reply.size(v.len() as u32),
+            Ok(v) if v.len() > size as usize => reply.error(libc::ERANGE),
+            Ok(v) => reply.data(&v),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn removexattr(&mut self, _req: &Request<'_>, ino: u64, name: &OsStr, reply: ReplyEmpty) {
+        if attrs::is_hidden(name) {
+            return reply.error(libc::ENODATA);
+        }
+        let n = node_or_reply!(self.s, ino, reply);
+        match rfs::removexattr(n.proc_path(), name) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn access(&mut self, _req: &Request<'_>, _ino: u64, _mask: i32, reply: ReplyEmpty) {
+        // default_permissions: the kernel checks modes itself
+        reply.ok();
+    }
+
+    fn fallocate(
+        &mut self,
+        req: &Request<'_>,
+        _ino: u64,
+        fh: u64,
+        offset: i64,
+        length: i64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        let open = match self.s.open_of(fh) {
+            Ok(o) => o,
+            Err(e) => return reply.error(e),
+        };
+        if offset < 0 || length <= 0 {
+            return reply.error(libc::EINVAL);
+        }
+        let who = Who::of(req);
+        let (off, len) = (offset as u64, length as u64);
+        let event = self
+            .s
+            .raises(&open, off, len, flags::WRITE, EventType::Write);
+        self.run(event || self.s.may_block(), move |s| {
+            let r = (|| {
+                if event {
+                    let data = EventData::Data {
+                        handle: s.handle_of(&open.node),
+                        offset: off,
+                        length: len,
+                    };
+                    s.raise_wait(who, EventType::Write, data)?;
+                }
+                s.nospace(who, || {
+                    rfs::fallocate(
+                        &open.file,
+                        rfs::FallocateFlags::from_bits_retain(mode as u32),
+                        off,
+                        len,
+                    )
+                    .map_err(errno)
+                })
+            })();
+            match r {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(e),
+            }
+        });
+    }
+
+    fn lseek(
+        &mut self,
+        _req: &Request<'_>,
+        _ino: u64,
+        fh: u64,
+        offset: i64,
+        whence: i32,
+        reply: ReplyLseek,
+    ) {
+        let open = match self.s.open_of(fh) {
+            Ok(o) => o,
+            Err(e) => return reply.error(e),
+        };
+        if offset < 0 {
+            return reply.error(libc::EINVAL);
+        }
+        let pos = match whence {
+            libc::SEEK_DATA => rfs::SeekFrom::Data(offset as u64),
+            libc::SEEK_HOLE => rfs::SeekFrom::Hole(offset as u64),
+            libc::SEEK_SET => rfs::SeekFrom::Start(offset as u64),
+            libc::SEEK_END => rfs::SeekFrom::End(offset),
+            _ => return reply.error(libc::EINVAL),
+        };
+        match rfs::seek(&open.file, pos) {
+            Ok(p) => reply.offset(p as i64),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+}
