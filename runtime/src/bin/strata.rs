@@ -6,6 +6,8 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use strata_runtime::api::client::{Client, ClientError};
 use strata_runtime::api::{cache_word, Reply, Request};
+#[path = "../cli/dm.rs"]
+mod dm;
 #[path = "../cli/fs.rs"]
 mod fs;
 #[path = "../cli/spaces.rs"]
@@ -44,6 +46,9 @@ enum Cmd {
     /// Chunks: read, write, wait, invalidate.
     #[command(subcommand)]
     Chunk(spaces::ChunkCmd),
+    /// DMAPI: sessions, events, respond, DM attributes, regions, holes.
+    #[command(subcommand)]
+    Dm(dm::DmCmd),
     /// Managed filesystems: mount, umount, list.
     #[command(subcommand)]
     Fs(fs::FsCmd),
@@ -277,6 +282,7 @@ fn main() {
             Some(ClientError::Connect { .. }) => 3,
             Some(ClientError::Api(_)) => 2,
             _ if e.downcast_ref::<spaces::NotOk>().is_some() => 4,
+            _ if e.downcast_ref::<dm::DmFailed>().is_some() => 5,
             _ => 1,
         };
         std::process::exit(code);
@@ -344,6 +350,7 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
         Cmd::Plugin(p) => plugin(cli, p)?,
         Cmd::Space(c) => spaces::space(&cli.socket, c)?,
         Cmd::Fs(c) => fs::fs(&mut connect(cli)?, c)?,
+        Cmd::Dm(c) => dm::run(&cli.socket, c)?,
         Cmd::Chunk(c) => spaces::chunk(&cli.socket, c)?,
         Cmd::Spawn {
             space,

@@ -172,7 +172,10 @@ impl Core {
         }
         if old != NO_SESSION {
             let s = self.sessions.get_mut(&old).ok_or(DmError::Einval)?;
-            s.info = info.to_vec();
+            // an empty info string keeps the session's
+            if !info.is_empty() {
+                s.info = info.to_vec();
+            }
             // re-deliver in sequence order ahead of what is still queued
             let mut again: Vec<Message> = s
                 .tokens
@@ -434,7 +437,7 @@ impl Core {
         max: u32,
         wait: Option<WaiterId>,
     ) -> Result<Option<Vec<Message>>, DmError> {
-        if max == 0 || max > i32::MAX as u32 {
+        if max == 0 || max >= i32::MAX as u32 {
             return Err(DmError::Einval);
         }
         let s = self.sessions.get_mut(&sid).ok_or(DmError::Einval)?;

@@ -286,6 +286,7 @@ impl Dm {
             }
             DmRequest::CreateSession { old, info } => {
                 g.core.create_session(old, &info).map(|sid| {
+                    let info = g.core.query_session(sid).unwrap_or(info);
                     self.record_session(sid, Some(&info));
                     DmReply::Session { sid }
                 })

@@ -37,11 +37,6 @@ impl Obj {
         PathBuf::from(format!("/proc/self/fd/{}", self.file.as_raw_fd()))
     }
 
-    /// The object's identity for rights.
-    fn key(&self) -> Vec<u8> {
-        self.h.encode()
-    }
-
     fn open(&self, flags: i32) -> Result<File, DmError> {
         self.h.open_with(&self.live.root, flags)
     }
@@ -163,6 +158,8 @@ impl Mounts {
         Ok(Obj { h, live, file, st })
     }
 
+    /// The object a handle names, after checking the session, token and right (so that an
+    /// ended token is ESRCH even when its object is gone since).
     fn checked(
         &self,
         sid: SessionId,
@@ -170,9 +167,9 @@ impl Mounts {
         handle: &[u8],
         need: Right,
     ) -> Result<Obj, DmError> {
-        let o = self.object(handle)?;
-        self.dm().check_right(sid, token, &o.key(), need)?;
-        Ok(o)
+        let h = Handle::decode(handle)?;
+        self.dm().check_right(sid, token, &h.encode(), need)?;
+        self.object(handle)
     }
 
     fn fs_of(&self, fs_handle: &[u8]) -> Result<(u32, Arc<Live>), DmError> {
