@@ -432,3 +432,110 @@ fn unanswered_events_time_out_and_dead_callers_cancel() {
     assert!(!Path::new(&m.backing.join("a")).exists());
     let _ = std::fs::metadata(m.backing.join("c")).unwrap().ino();
 }
+
+#[test]
+fn a_dm_policy_plugin_answers_events_and_survives_a_hot_swap() {
+    need_root();
+    let mut d = Daemon::start();
+    let m = d.mount("wasm", &[], |b| {
+        std::fs::write(b.join("resident"), b"local data").unwrap();
+        std::fs::write(b.join("migrated"), b"stale stub").unwrap();
+    });
+    let comp = strata_tests::component("hsm-age-policy");
+    d.ok(&[
+        "plugin",
+        "load",
+        "hsm",
+        comp.to_str().unwrap(),
+        "--kind",
+        "dm-policy",
+    ]);
+    // both files are managed: reads raise READ events, which the plugin answers
+    let mut s = DmSession::create(d.socket(), b"setup").unwrap();
+    for f in ["resident", "migrated"] {
+        let h = s.path_to_handle(m.mnt.join(f)).unwrap();
+        s.set_region(
+            0,
+            &h,
+            &[Region {
+                offset: 0,
+                size: 0,
+                flags: 1,
+            }],
+        )
+        .unwrap();
+    }
+    // the policy's record that the data went to a tier: it must recall before the read
+    let hm = s.path_to_handle(m.mnt.join("migrated")).unwrap();
+    s.set_dmattr(0, &hm, b"stratloc", b"tape").unwrap();
+    s.destroy().unwrap();
+    let out = d.ok(&[
+        "dm",
+        "attach",
+        "hsm",
+        m.mnt.to_str().unwrap(),
+        "--events",
+        "read",
+    ]);
+    assert!(out.contains("hsm attached"), "{out}");
+    assert!(d.ok(&["dm", "attachments"]).contains("hsm"));
+    // no record: the plugin lets the read go on
+    assert_eq!(
+        std::fs::read(m.mnt.join("resident")).unwrap(),
+        b"local data"
+    );
+    // a record: the plugin asks the host to recall (no tier exists yet: ENOSYS), and
+    // refuses the read with EIO
+    let e = std::fs::read(m.mnt.join("migrated")).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EIO));
+    // hot swap while readers keep going: no read is lost or fails
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let readers: Vec<_> = (0..2)
+        .map(|_| {
+            let (p, stop) = (m.mnt.join("resident"), stop.clone());
+            std::thread::spawn(move || {
+                let mut n = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    assert_eq!(std::fs::read(&p).unwrap(), b"local data");
+                    n += 1;
+                }
+                n
+            })
+        })
+        .collect();
+    for _ in 0..3 {
+        std::thread::sleep(Duration::from_millis(50));
+        d.ok(&["plugin", "swap", "hsm", comp.to_str().unwrap()]);
+    }
+    std::thread::sleep(Duration::from_millis(50));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let reads: u64 = readers.into_iter().map(|t| t.join().unwrap()).sum();
+    assert!(reads > 0);
+    let list: serde_json::Value =
+        serde_json::from_str(&d.ok(&["plugin", "list", "--json"])).unwrap();
+    assert_eq!(list[0]["current"]["id"], 4);
+    let total = &list[0]["total"];
+    assert_eq!(total["ok"], total["calls"], "{list}");
+    assert!(
+        total["calls"].as_u64().unwrap() >= reads,
+        "every read was an event: {list}"
+    );
+    // the attachment comes back after a restart
+    d.restart();
+    let t0 = Instant::now();
+    while std::fs::metadata(m.mnt.join("migrated")).is_err() {
+        assert!(t0.elapsed() < Duration::from_secs(20));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        std::fs::read(m.mnt.join("migrated"))
+            .unwrap_err()
+            .raw_os_error(),
+        Some(libc::EIO)
+    );
+    d.ok(&["dm", "detach", "hsm"]);
+    assert_eq!(
+        std::fs::read(m.mnt.join("migrated")).unwrap(),
+        b"stale stub"
+    );
+}

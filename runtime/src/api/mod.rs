@@ -114,6 +114,23 @@ pub enum Request {
     },
     /// The managed filesystems.
     FsList,
+    /// Attach a `dm-policy` slot to the managed filesystem mounted at `path`: it receives
+    /// the events of `events` there.
+    DmAttach {
+        /// The slot.
+        slot: String,
+        /// The mount point.
+        path: std::path::PathBuf,
+        /// Event types.
+        events: strata_client::dm::EventSet,
+    },
+    /// Detach a slot.
+    DmDetach {
+        /// The slot.
+        slot: String,
+    },
+    /// The attachments.
+    DmAttachments,
 }
 
 impl Request {
@@ -125,6 +142,8 @@ impl Request {
                 | Request::Dm(_)
                 | Request::FsMount { .. }
                 | Request::FsUmount { .. }
+                | Request::DmAttach { .. }
+                | Request::DmDetach { .. }
                 | Request::PluginLoad { .. }
                 | Request::PluginSwap { .. }
                 | Request::PluginRollback { .. }
@@ -199,6 +218,15 @@ pub enum Reply {
     Unmounted,
     /// The managed filesystems.
     Filesystems(Vec<crate::fs::MountInfo>),
+    /// A slot was attached; its DM session.
+    Attached {
+        /// Session.
+        sid: u64,
+    },
+    /// A slot was detached.
+    Detached,
+    /// Attachments: slot and record.
+    Attachments(Vec<(String, crate::fs::route::AttachRecord)>),
     /// A rebalance answer.
     Moves {
         /// Copies to move.

@@ -26,6 +26,7 @@ pub struct Daemon {
     spaces: Spaces,
     dm: Arc<crate::dm::service::Dm>,
     mounts: Arc<crate::fs::Mounts>,
+    router: Arc<crate::fs::route::Router>,
     store: Store,
     started: Instant,
     uid: u32,
@@ -46,6 +47,15 @@ fn fs_err(e: crate::fs::FsError) -> Reply {
         fault: Fault::Caller,
         message: e.message,
         errno: Some(e.errno),
+    })
+}
+
+fn dm_err(e: strata_client::dm::DmError) -> Reply {
+    Reply::Error(ApiError {
+        kind: "dm".into(),
+        fault: Fault::Caller,
+        message: e.to_string(),
+        errno: Some(e.errno()),
     })
 }
 
@@ -99,12 +109,14 @@ impl Daemon {
         )?;
         let dm = Arc::new(crate::dm::service::Dm::open(&cfg.dm, store.db())?);
         let mounts = Arc::new(crate::fs::Mounts::new(dm.clone()));
+        let router = Arc::new(crate::fs::route::Router::new(mounts.clone(), store.db())?);
         let d = Daemon {
             cfg,
             host,
             spaces,
             dm,
             mounts,
+            router,
             store,
             started: Instant::now(),
             uid,
@@ -301,6 +313,33 @@ impl Daemon {
                 Err(e) => fs_err(e),
             },
             Request::FsList => Reply::Filesystems(self.mounts.list()),
+            Request::DmAttach { slot, path, events } => {
+                let is_dm = self
+                    .host
+                    .list()
+                    .iter()
+                    .any(|s| s.name == slot && s.kind == crate::plugin::PluginKind::DmPolicy);
+                if !is_dm {
+                    return err(
+                        "slot",
+                        Fault::Caller,
+                        format!("no dm-policy slot named '{slot}'"),
+                    );
+                }
+                let policy = Arc::new(crate::fs::route::WasmPolicy {
+                    host: self.host.clone(),
+                    slot: slot.clone(),
+                });
+                match self.router.attach(&slot, policy, &path, events, None) {
+                    Ok(sid) => Reply::Attached { sid },
+                    Err(e) => dm_err(e),
+                }
+            }
+            Request::DmDetach { slot } => match self.router.detach(&slot) {
+                Ok(()) => Reply::Detached,
+                Err(e) => dm_err(e),
+            },
+            Request::DmAttachments => Reply::Attachments(self.router.list()),
             Request::Space(_) | Request::Dm(_) => err(
                 "protocol",
                 Fault::Caller,
@@ -560,8 +599,11 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     {
         // managed filesystems mounted when the daemon stopped come back (their MOUNT
         // events can be answered now that the socket is up)
-        let m = daemon.mounts.clone();
-        tokio::task::spawn_blocking(move || m.restore());
+        let d = daemon.clone();
+        tokio::task::spawn_blocking(move || {
+            d.mounts.restore();
+            d.router.restore(&d.host);
+        });
     }
     let ticker = {
         let d = daemon.clone();
@@ -595,6 +637,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     ticker.abort();
     let _ = std::fs::remove_file(&socket);
     daemon.spaces.shutdown();
+    daemon.router.shutdown();
     daemon.mounts.shutdown();
     Ok(())
 }

@@ -21,6 +21,24 @@ fn dm(e: DmError) -> anyhow::Error {
 /// `strata dm …`.
 #[derive(Subcommand)]
 pub enum DmCmd {
+    /// Attach a dm-policy plugin slot to a managed filesystem: it gets its own session and
+    /// receives the events of `--events` there (recorded: it comes back after a restart).
+    Attach {
+        /// The plugin slot (world dm-policy).
+        slot: String,
+        /// The mount point.
+        path: PathBuf,
+        /// Event types, comma separated (read,write,truncate,destroy,...).
+        #[arg(long)]
+        events: String,
+    },
+    /// Detach a plugin slot (its session goes).
+    Detach {
+        /// The plugin slot.
+        slot: String,
+    },
+    /// Plugin slots attached to filesystems.
+    Attachments,
     /// List sessions (id, info, outstanding tokens); or create / destroy one.
     Sessions {
         /// Create a session with this info string and print its id.
@@ -203,7 +221,47 @@ fn parse_region(s: &str) -> anyhow::Result<Region> {
 
 /// Run a `strata dm` command.
 pub fn run(socket: &Path, c: &DmCmd) -> anyhow::Result<()> {
+    use strata_runtime::api::{Reply, Request};
+    let client = || strata_runtime::api::client::Client::connect(socket);
     match c {
+        DmCmd::Attach { slot, path, events } => {
+            let req = Request::DmAttach {
+                slot: slot.clone(),
+                path: abs(path)?,
+                events: parse_events(events)?,
+            };
+            match client()?.request(&req, b"")? {
+                Reply::Attached { sid } => println!("{slot} attached (session {sid})"),
+                other => anyhow::bail!("unexpected reply {other:?}"),
+            }
+        }
+        DmCmd::Detach { slot } => {
+            client()?.request(&Request::DmDetach { slot: slot.clone() }, b"")?;
+        }
+        DmCmd::Attachments => match client()?.request(&Request::DmAttachments, b"")? {
+            Reply::Attachments(list) => {
+                for (slot, r) in list {
+                    let events: Vec<String> = r
+                        .events
+                        .types()
+                        .iter()
+                        .map(|t| {
+                            serde_json::to_value(t)
+                                .ok()
+                                .and_then(|v| v.as_str().map(String::from))
+                                .unwrap_or_default()
+                        })
+                        .collect();
+                    println!(
+                        "{slot}\t{}\tsession {}\t{}",
+                        r.path.display(),
+                        r.sid,
+                        events.join(",")
+                    );
+                }
+            }
+            other => anyhow::bail!("unexpected reply {other:?}"),
+        },
         DmCmd::Sessions { create, destroy } => {
             if let Some(info) = create {
                 let s = DmSession::create(socket, info.as_bytes()).map_err(dm)?;

@@ -7,6 +7,7 @@
 
 pub mod calls;
 pub mod fuse;
+pub mod route;
 
 use crate::dm::handle::{Handle, HandleKind};
 use crate::dm::service::{Dm, FsRecord, GLOBAL_FS};
