@@ -23,8 +23,9 @@ cargo build --workspace --bins
 step "tests"
 cargo test --workspace --no-fail-fast
 
-step "benchmarks, quick mode (full runs: cargo bench -p strata-runtime --bench plugin|spaces)"
+step "benchmarks, quick mode (full runs: cargo bench -p strata-runtime --bench plugin|spaces|dm)"
 STRATA_BENCH_QUICK=1 cargo test -p strata-runtime --bench plugin
 STRATA_BENCH_QUICK=1 cargo test -p strata-runtime --bench spaces
+STRATA_BENCH_QUICK=1 cargo test -p strata-runtime --bench dm
 
 step "all checks passed in $((SECONDS - t0)) s"

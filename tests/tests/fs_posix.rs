@@ -398,6 +398,10 @@ fn permissions_as_another_user() {
         std::fs::create_dir(b.join("open")).unwrap();
         std::fs::set_permissions(b.join("open"), std::fs::Permissions::from_mode(0o1777)).unwrap();
         std::fs::write(b.join("open/roots"), b"r").unwrap();
+        for f in ["suid-w", "suid-t"] {
+            std::fs::write(b.join(f), b"x").unwrap();
+            std::fs::set_permissions(b.join(f), std::fs::Permissions::from_mode(0o6777)).unwrap();
+        }
     });
     std::fs::set_permissions(&m.mnt, std::fs::Permissions::from_mode(0o755)).unwrap();
     // run shell commands as nobody through the mount
@@ -440,6 +444,13 @@ fn permissions_as_another_user() {
     // the sticky directory: nobody may not remove root's file
     assert!(!sh("rm -f open/roots").0);
     assert!(m.backing.join("open/roots").exists());
+    // an unprivileged write or truncate drops setuid and setgid, as on the backing FS
+    assert!(sh("echo more >> suid-w").0);
+    assert!(sh(": > suid-t").0);
+    for f in ["suid-w", "suid-t"] {
+        let mode = std::fs::metadata(m.backing.join(f)).unwrap().mode() & 0o7777;
+        assert_eq!(mode, 0o777, "{f}");
+    }
     // Strata's own attributes are neither visible nor writable through the mount
     let f = m.mnt.join("secret");
     assert!(listxattr(&f)

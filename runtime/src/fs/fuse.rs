@@ -40,6 +40,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 const TTL: Duration = Duration::from_secs(1);
 /// FUSE_DIRECT_IO_ALLOW_MMAP (Linux 6.6): shared mmap of files opened with direct I/O.
 const DIRECT_IO_ALLOW_MMAP: u64 = 1 << 36;
+/// FUSE_HANDLE_KILLPRIV_V2 (Linux 5.11): the filesystem clears setuid/setgid bits on writes
+/// by unprivileged callers itself, so the kernel need not ask for `security.capability`
+/// before every write (a round trip per write through the daemon).
+const HANDLE_KILLPRIV_V2: u64 = 1 << 28;
 
 /// An object the kernel knows.
 pub struct Node {
@@ -153,6 +157,8 @@ pub struct Shared {
     /// Bumped when a DM call changes some object's regions.
     pub regions_gen: AtomicU64,
     passthrough: AtomicBool,
+    /// FUSE_HANDLE_KILLPRIV_V2 is in force.
+    killpriv: AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -191,6 +197,7 @@ impl Shared {
             next_fh: AtomicU64::new(1),
             regions_gen: AtomicU64::new(0),
             passthrough: AtomicBool::new(false),
+            killpriv: AtomicBool::new(false),
         })
     }
 
@@ -724,6 +731,9 @@ impl Shared {
                     rfs::ftruncate(&f, size).map_err(errno)
                 }
             })?;
+            if who.uid != 0 && self.killpriv.load(Ordering::Relaxed) {
+                self.kill_privs(node);
+            }
         }
         if uid.is_some() || gid.is_some() {
             rfs::chownat(
@@ -798,6 +808,39 @@ impl Shared {
             )
         });
         Ok(a)
+    }
+
+    /// Whether the object carries privileges a write must drop (setuid, setgid with group
+    /// execute, a file capability).
+    fn has_privs(&self, node: &Node) -> bool {
+        let Ok(st) = rfs::fstat(&node.fd) else {
+            return true;
+        };
+        st.st_mode & libc::S_ISUID != 0
+            || (st.st_mode & libc::S_ISGID != 0 && st.st_mode & libc::S_IXGRP != 0)
+            || rfs::getxattr_query(node.proc_path(), "security.capability").is_ok()
+    }
+
+    /// Drop setuid / setgid and the file capability after an unprivileged write or
+    /// truncate (FUSE_HANDLE_KILLPRIV_V2 makes this the filesystem's job).
+    fn kill_privs(&self, node: &Node) {
+        let Ok(st) = rfs::fstat(&node.fd) else {
+            return;
+        };
+        let mut mode = st.st_mode & 0o7777;
+        mode &= !libc::S_ISUID;
+        if mode & libc::S_IXGRP != 0 {
+            mode &= !libc::S_ISGID;
+        }
+        if mode != st.st_mode & 0o7777 {
+            let _ = rfs::chmodat(
+                rfs::CWD,
+                node.proc_path(),
+                Mode::from_raw_mode(mode),
+                AtFlags::empty(),
+            );
+        }
+        let _ = rfs::removexattr(node.proc_path(), "security.capability");
     }
 
     /// Open the backing file: (fh, file, managed, regions).
@@ -898,6 +941,7 @@ impl Shared {
         offset: u64,
         data: &[u8],
         event: bool,
+        kill: bool,
     ) -> Result<u32, i32> {
         if event {
             let ev = EventData::Data {
@@ -910,6 +954,9 @@ impl Shared {
         self.nospace(who, || {
             open.file.write_all_at(data, offset).map_err(io_errno)
         })?;
+        if kill {
+            self.kill_privs(&open.node);
+        }
         Ok(data.len() as u32)
     }
 
@@ -1059,6 +1106,9 @@ impl Filesystem for ManagedFs {
             );
         }
         let _ = config.add_capabilities(DIRECT_IO_ALLOW_MMAP);
+        if config.add_capabilities(HANDLE_KILLPRIV_V2).is_ok() {
+            self.s.killpriv.store(true, Ordering::Relaxed);
+        }
         Ok(())
     }
 
@@ -1257,8 +1307,12 @@ impl Filesystem for ManagedFs {
             Err(e) => return reply.error(e),
         };
         let managed = !regions.is_empty();
+        // a write to a privileged file must drop the privileges: served here, where the
+        // kernel tells which writers are unprivileged
+        let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
+        let privileged = writable && self.s.has_privs(&n);
         let mut backing = None;
-        if !managed && self.s.passthrough.load(Ordering::Relaxed) {
+        if !managed && !privileged && self.s.passthrough.load(Ordering::Relaxed) {
             match reply.open_backing(&file) {
                 Ok(id) => backing = Some(id),
                 Err(e) => {
@@ -1322,11 +1376,13 @@ impl Filesystem for ManagedFs {
         fh: u64,
         offset: i64,
         data: &[u8],
-        _write_flags: u32,
+        write_flags: u32,
         _flags: i32,
         _lock_owner: Option<u64>,
         reply: ReplyWrite,
     ) {
+        // FUSE_WRITE_KILL_SUIDGID: an unprivileged writer
+        let kill = write_flags & consts::FUSE_WRITE_KILL_PRIV != 0;
         if self.rofs() {
             return reply.error(libc::EROFS);
         }
@@ -1344,14 +1400,14 @@ impl Filesystem for ManagedFs {
             EventType::Write,
         );
         if !event && !self.s.dm.disposed(self.s.fs, EventType::Nospace) {
-            return match self.s.write(who, &open, offset, data, false) {
+            return match self.s.write(who, &open, offset, data, false, kill) {
                 Ok(n) => reply.written(n),
                 Err(e) => reply.error(e),
             };
         }
         let data = data.to_vec();
         self.run(true, move |s| {
-            match s.write(who, &open, offset, &data, event) {
+            match s.write(who, &open, offset, &data, event, kill) {
                 Ok(n) => reply.written(n),
                 Err(e) => reply.error(e),
             }
