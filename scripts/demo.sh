@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The main job, on an embedded default (one host, local tier): set up, start a daemon,
 # use a chunk space (shared-memory cache, leases, durability across kill -9), load the
-# official plugins, swap one under load, and print what happened.
+# official plugins, swap one under load, mount a managed filesystem whose READ events the
+# HSM policy answers and whose creates a shell DM application vetoes, and print what
+# happened.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -72,5 +74,38 @@ strata plugin swap placement "$W/faulty-panic.wasm"
 strata plugin bench placement --calls 100 --concurrency 2
 say "the HSM policy slot takes a Python policy (componentize-py) too"
 strata plugin swap hsm "$W/hsm-py-policy.wasm" --deadline-ms 2000 --memory-limit 268435456
+if [ "$(id -u)" = 0 ]; then
+    say "a managed filesystem over FUSE: unmanaged files use kernel passthrough"
+    mkdir -p "$DIR/backing" "$DIR/mnt"
+    echo "resident data" > "$DIR/backing/resident"
+    echo "stub of migrated data" > "$DIR/backing/migrated"
+    strata fs mount "$DIR/backing" "$DIR/mnt"
+    strata fs list
+    say "managed regions and a DM attribute recording a migration"
+    strata dm region set "$DIR/mnt/resident" 0:0:r
+    strata dm region set "$DIR/mnt/migrated" 0:0:r
+    strata dm attr set "$DIR/mnt/migrated" stratloc archive
+    strata dm region get "$DIR/mnt/migrated"
+    say "the Rust HSM policy answers the READ events of that filesystem"
+    strata plugin load hsm-rs "$W/hsm-age-policy.wasm" --kind dm-policy
+    strata dm attach hsm-rs "$DIR/mnt" --events read
+    cat "$DIR/mnt/resident"
+    cat "$DIR/mnt/migrated" || echo "(refused with EIO: the policy must recall first, and no tier exists yet)"
+    say "a DM application from the shell: it vetoes a create"
+    sid=$(strata dm sessions --create demo-watcher)
+    strata dm events "$sid" --dispose "$DIR/mnt" --events create
+    (touch "$DIR/mnt/forbidden" 2>&1 || true) &
+    TOUCH=$!
+    line=$(strata dm events "$sid" --wait --max 1)
+    echo "$line"
+    token=$(echo "$line" | sed -E 's/.*"token":([0-9]+).*/\1/')
+    strata dm respond "$sid" "$token" abort 13
+    wait $TOUCH
+    strata dm events "$sid" --dispose "$DIR/mnt" --events ""
+    strata dm sessions
+    strata fs umount "$DIR/mnt"
+else
+    say "managed filesystems need root (FUSE mounts): skipped"
+fi
 say "plugins, versions and counters"
 strata plugin list
