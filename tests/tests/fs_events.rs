@@ -539,3 +539,102 @@ fn a_dm_policy_plugin_answers_events_and_survives_a_hot_swap() {
         b"stale stub"
     );
 }
+
+/// A small tmpfs, unmounted when dropped.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn new(dir: &Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(dir).unwrap();
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .status()
+            .unwrap()
+            .success();
+        assert!(
+            ok,
+            "PREREQUISITE MISSING: cannot mount a tmpfs at {}",
+            dir.display()
+        );
+        Tmpfs(dir.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+#[test]
+fn nospace_lets_the_application_free_space_and_debut_names_new_objects() {
+    need_root();
+    let d = Daemon::start();
+    // a 1 MiB backing filesystem, 600 KiB of it taken
+    let small = d.dir.join("small.back");
+    let _tmpfs = Tmpfs::new(&small, "1m");
+    let m = d.mount("small", &[], |b| {
+        std::fs::write(b.join("ballast"), vec![1u8; 600 << 10]).unwrap();
+    });
+    let mut s = DmSession::create(d.socket(), b"space manager").unwrap();
+    let fs = s.path_to_fshandle(&m.mnt).unwrap();
+    let set = EventSet::of(&[EventType::Nospace, EventType::Debut]);
+    s.set_disp(&fs, set).unwrap();
+    s.set_eventlist(&fs, set).unwrap();
+    // DEBUT: the first time the kernel looks an object up
+    std::fs::metadata(m.mnt.join("ballast")).unwrap();
+    let ev = next(&mut s);
+    assert_eq!(ev.kind, EventType::Debut);
+    assert_eq!(ns(&ev).3, "ballast");
+    assert_eq!(ns(&ev).1, s.path_to_handle(m.mnt.join("ballast")).unwrap());
+    // a write that does not fit: NOSPACE blocks it; the application frees space and
+    // answers continue: the write is tried again and succeeds
+    let t = std::thread::spawn({
+        let p = m.mnt.join("big");
+        move || {
+            let f = File::options()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(p)?;
+            f.write_all_at(&vec![2u8; 600 << 10], 0)
+        }
+    });
+    let mut ev = next(&mut s);
+    if ev.kind == EventType::Debut {
+        // the new file's own debut
+        ev = next(&mut s);
+    }
+    assert_eq!(ev.kind, EventType::Nospace);
+    assert_eq!(ns(&ev).1, fs);
+    // frees it as an HSM would: the data of a (migrated) file goes, the file stays
+    let ballast = s.path_to_handle(m.mnt.join("ballast")).unwrap();
+    s.punch_hole(0, &ballast, 0, 0).unwrap();
+    s.respond(ev.token, Response::Continue).unwrap();
+    t.join().unwrap().unwrap();
+    assert_eq!(
+        std::fs::metadata(m.backing.join("big")).unwrap().len(),
+        600 << 10
+    );
+    // again, and this time the application aborts: the write fails with its errno
+    let t = std::thread::spawn({
+        let p = m.mnt.join("big");
+        move || {
+            let f = File::options().write(true).open(p)?;
+            f.write_all_at(&vec![3u8; 600 << 10], 600 << 10)
+        }
+    });
+    let ev = next(&mut s);
+    assert_eq!(ev.kind, EventType::Nospace);
+    s.respond(ev.token, Response::Abort(libc::EDQUOT)).unwrap();
+    assert_eq!(
+        t.join().unwrap().unwrap_err().raw_os_error(),
+        Some(libc::EDQUOT)
+    );
+    s.set_disp(&fs, EventSet::empty()).unwrap();
+    d.ok(&["fs", "umount", m.mnt.to_str().unwrap()]);
+}

@@ -1311,8 +1311,10 @@ impl Filesystem for ManagedFs {
         // kernel tells which writers are unprivileged
         let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
         let privileged = writable && self.s.has_privs(&n);
+        // NOSPACE is raised from the daemon's writes: with it disposed, writes come here
+        let nospace = writable && self.s.dm.disposed(self.s.fs, EventType::Nospace);
         let mut backing = None;
-        if !managed && !privileged && self.s.passthrough.load(Ordering::Relaxed) {
+        if !managed && !privileged && !nospace && self.s.passthrough.load(Ordering::Relaxed) {
             match reply.open_backing(&file) {
                 Ok(id) => backing = Some(id),
                 Err(e) => {

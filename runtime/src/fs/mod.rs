@@ -73,10 +73,22 @@ pub struct Live {
 impl Live {
     /// Tell the kernel to forget what it cached of an object (after a DM call changed it
     /// behind the kernel's back).
+    ///
+    /// The attributes are dropped at once; the cached pages on a thread of its own: the
+    /// kernel may have to wait for a page that a blocked operation holds (a page fault
+    /// waiting for the READ event whose DM application is making this very call), so the
+    /// call must not wait for that.
     pub fn invalidate(&self, backing_ino: u64) {
         let ino = self.shared.fuse_ino(backing_ino);
         if self.shared.node(ino).is_some() {
-            let _ = self.notifier.inval_inode(ino, 0, 0);
+            // offset -1: attributes only, which takes no page lock
+            let _ = self.notifier.inval_inode(ino, -1, 0);
+            let n = self.notifier.clone();
+            let _ = std::thread::Builder::new()
+                .name("strata-fs-inval".into())
+                .spawn(move || {
+                    let _ = n.inval_inode(ino, 0, 0);
+                });
         }
     }
 }
