@@ -63,7 +63,8 @@ pub enum DmCmd {
         /// A path in a managed filesystem whose dispositions to set.
         #[arg(long)]
         dispose: Option<PathBuf>,
-        /// Event types, comma separated (create,remove,read,...); empty: none.
+        /// Event types, comma separated (create,remove,read,...); empty: none. They replace
+        /// the session's dispositions there and are added to the filesystem's event list.
         #[arg(long, default_value = "")]
         events: String,
     },
@@ -308,7 +309,27 @@ pub fn run(socket: &Path, c: &DmCmd) -> anyhow::Result<()> {
                     .into_iter()
                     .partition(|t| *t == EventType::Mount);
                 s.set_disp(&fs, EventSet::of(&rest)).map_err(dm)?;
-                s.set_eventlist(&fs, EventSet::of(&rest)).map_err(dm)?;
+                // the filesystem's event list is shared by its sessions: add to it
+                let sid = s.sid();
+                let mut list = match s
+                    .call(
+                        &strata_client::dm::DmRequest::GetEventlist {
+                            sid,
+                            token: 0,
+                            handle: fs.clone(),
+                        },
+                        &[],
+                    )
+                    .map_err(dm)?
+                    .0
+                {
+                    strata_client::dm::DmReply::EventList { events } => events,
+                    _ => EventSet::empty(),
+                };
+                for t in &rest {
+                    list.set(*t);
+                }
+                s.set_eventlist(&fs, list).map_err(dm)?;
                 if !mount.is_empty() {
                     s.set_disp(&[], EventSet::of(&mount)).map_err(dm)?;
                 }
