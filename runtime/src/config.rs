@@ -147,6 +147,14 @@ impl Config {
             self.plugins.memory_limit >= 1 << 20,
             "plugins.memory_limit must be at least 1 MiB"
         );
+        anyhow::ensure!(
+            (1..=crate::dm::core::MAX_ERRNO).contains(&self.dm.timeout_errno),
+            "dm.timeout_errno must be an errno from 1 to 511"
+        );
+        anyhow::ensure!(
+            self.dm.event_timeout_ms > 0,
+            "dm.event_timeout_ms must be positive"
+        );
         let sp = &self.spaces;
         anyhow::ensure!(
             sp.default_slot_size > 0

@@ -628,6 +628,39 @@ fn bad_input_gets_the_documented_error_and_the_mount_keeps_working() {
     );
     // config names that do not exist: EINVAL
     assert_eq!(a.get_config(&fs, "no_such_flag"), Err(DmError::Einval));
+    // an abort errno the kernel cannot carry (over 511): EINVAL, the event stays
+    // outstanding and a proper answer still completes the operation
+    std::fs::write(m.mnt.join("g"), b"x").unwrap();
+    let t = std::thread::spawn({
+        let g = m.mnt.join("g");
+        move || std::fs::remove_file(g)
+    });
+    let ev = next(&mut a);
+    for bad in [0, -1, 512, 1000] {
+        assert_eq!(
+            a.respond(ev.token, Response::Abort(bad)),
+            Err(DmError::Einval)
+        );
+    }
+    a.respond(ev.token, Response::Abort(libc::EPERM)).unwrap();
+    assert_eq!(
+        t.join().unwrap().unwrap_err().raw_os_error(),
+        Some(libc::EPERM)
+    );
+    a.set_disp(&fs, EventSet::empty()).unwrap();
+    // data calls on a FIFO: EINVAL at once (nothing waits for a partner)
+    let fifo = m.mnt.join("fifo");
+    assert!(std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
+    let hf = a.path_to_handle(&fifo).unwrap();
+    assert_eq!(a.read_invis(0, &hf, 0, 10), Err(DmError::Einval));
+    assert_eq!(a.write_invis(0, &hf, 0, b"x", false), Err(DmError::Einval));
+    assert_eq!(a.get_allocinfo(0, &hf, 0, 4), Err(DmError::Einval));
+    assert_eq!(a.sync_by_handle(0, &hf), Err(DmError::Einval));
+    assert_eq!(a.punch_hole(0, &hf, 0, 0), Err(DmError::Einval));
     // the mount keeps working
     a.set_disp(&fs, EventSet::empty()).unwrap();
     std::fs::write(&f, b"again").unwrap();
@@ -901,4 +934,35 @@ fn the_dm_cli() {
     ]);
     d.ok(&["dm", "sessions", "--destroy", &sid]);
     assert!(!d.ok(&["dm", "sessions"]).contains("shell hsm"));
+    // an attach that fails leaves no session behind
+    let comp = strata_tests::component("hsm-age-policy");
+    d.ok(&[
+        "plugin",
+        "load",
+        "hsm",
+        comp.to_str().unwrap(),
+        "--kind",
+        "dm-policy",
+    ]);
+    let o = d.strata(&[
+        "dm",
+        "attach",
+        "hsm",
+        d.dir.to_str().unwrap(),
+        "--events",
+        "read",
+    ]);
+    assert!(!o.status.success());
+    assert!(!d.ok(&["dm", "sessions"]).contains("plugin:hsm"));
+    d.ok(&[
+        "dm",
+        "attach",
+        "hsm",
+        m.mnt.to_str().unwrap(),
+        "--events",
+        "read",
+    ]);
+    assert!(d.ok(&["dm", "sessions"]).contains("plugin:hsm"));
+    d.ok(&["dm", "detach", "hsm"]);
+    assert!(!d.ok(&["dm", "sessions"]).contains("plugin:hsm"));
 }

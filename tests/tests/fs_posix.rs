@@ -459,3 +459,104 @@ fn permissions_as_another_user() {
         .all(|n| !n.starts_with("trusted.strata")));
     assert!(setxattr(&f, "trusted.strata.rg", b"x").is_err());
 }
+
+#[test]
+fn open_flags_appends_and_directory_listings() {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    assert!(
+        is_root(),
+        "PREREQUISITE MISSING: FUSE mount tests need root (run the tests as root)"
+    );
+    let d = Daemon::start();
+    let m = d.mount("flags", &[], |b| {
+        std::fs::write(b.join("plain"), b"plain").unwrap();
+        std::fs::write(b.join("managed"), vec![b'A'; 8192]).unwrap();
+    });
+    // a managed file (a region, nothing disposed): served by the daemon
+    d.ok(&[
+        "dm",
+        "region",
+        "set",
+        m.mnt.join("managed").to_str().unwrap(),
+        "0:0:r",
+    ]);
+    // O_NOFOLLOW on a regular file is fine
+    for f in ["plain", "managed"] {
+        let mut s = String::new();
+        File::options()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(m.mnt.join(f))
+            .unwrap()
+            .read_to_string(&mut s)
+            .unwrap();
+        assert!(!s.is_empty());
+    }
+    // O_DIRECT through the daemon (aligned buffers, as O_DIRECT wants)
+    let o = std::process::Command::new("dd")
+        .arg(format!("if={}", m.mnt.join("managed").display()))
+        .args(["of=/dev/null", "bs=4096", "count=2", "iflag=direct"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{o:?}");
+    let o = std::process::Command::new("dd")
+        .arg(format!("of={}", m.mnt.join("managed").display()))
+        .args([
+            "if=/dev/zero",
+            "bs=4096",
+            "count=1",
+            "oflag=direct",
+            "conv=notrunc",
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{o:?}");
+    // O_APPEND appends at the real end, even when the file grew behind the kernel's back
+    let mut f = File::options()
+        .append(true)
+        .open(m.mnt.join("managed"))
+        .unwrap();
+    f.write_all(b"BB").unwrap();
+    File::options()
+        .append(true)
+        .open(m.backing.join("managed"))
+        .unwrap()
+        .write_all(b"CCCC")
+        .unwrap();
+    f.write_all(b"DD").unwrap();
+    let back = std::fs::read(m.backing.join("managed")).unwrap();
+    assert_eq!(&back[8192..], b"BBCCCCDD");
+    // a listing read again from the start (rewinddir) on the same open directory sees
+    // what was created since
+    let path = std::ffi::CString::new(m.mnt.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: opendir/readdir/rewinddir/closedir on one DIR stream owned by this block;
+    // each dirent is read before the next readdir call.
+    let (before, after) = unsafe {
+        let dir = libc::opendir(path.as_ptr());
+        assert!(!dir.is_null());
+        let count = |dir: *mut libc::DIR| {
+            let mut names = Vec::new();
+            loop {
+                let e = libc::readdir(dir);
+                if e.is_null() {
+                    break;
+                }
+                names.push(
+                    std::ffi::CStr::from_ptr((*e).d_name.as_ptr())
+                        .to_string_lossy()
+                        .into_owned(),
+                );
+            }
+            names
+        };
+        let before = count(dir);
+        std::fs::write(m.mnt.join("new"), b"n").unwrap();
+        libc::rewinddir(dir);
+        let after = count(dir);
+        libc::closedir(dir);
+        (before, after)
+    };
+    assert!(!before.contains(&"new".to_string()));
+    assert!(after.contains(&"new".to_string()), "{after:?}");
+}

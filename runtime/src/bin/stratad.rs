@@ -44,8 +44,25 @@ fn main() -> anyhow::Result<()> {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
+    raise_fd_limit();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     rt.block_on(strata_runtime::api::server::run(cfg))
+}
+
+/// A managed filesystem holds a descriptor per object the kernel knows: take the hard limit
+/// of open files, not the soft one (often 1024).
+fn raise_fd_limit() {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let l = getrlimit(Resource::Nofile);
+    if l.current != l.maximum {
+        let new = Rlimit {
+            current: l.maximum,
+            maximum: l.maximum,
+        };
+        if let Err(e) = setrlimit(Resource::Nofile, new) {
+            eprintln!("stratad: cannot raise the open-file limit: {e}");
+        }
+    }
 }

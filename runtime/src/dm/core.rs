@@ -103,6 +103,9 @@ pub struct Core {
     timeout_errno: i32,
 }
 
+/// The largest errno an abort may carry (the FUSE kernel module refuses larger ones).
+pub const MAX_ERRNO: i32 = 511;
+
 /// Keep at most this many ended tokens (older ones become EINVAL).
 const ENDED_KEEP: usize = 65_536;
 
@@ -508,7 +511,9 @@ impl Core {
         response: Response,
     ) -> Result<Vec<Output>, DmError> {
         if let Response::Abort(errno) = response {
-            if errno <= 0 {
+            // the kernel takes errors 1..=511 only (a larger one would leave the
+            // operation unanswered)
+            if !(1..=MAX_ERRNO).contains(&errno) {
                 return Err(DmError::Einval);
             }
         }

@@ -645,7 +645,11 @@ impl Dm {
         loop {
             match rx.recv_timeout(std::time::Duration::from_millis(100)) {
                 Ok(Response::Abort(errno)) => {
-                    return Err(if errno > 0 { errno } else { libc::EIO });
+                    return Err(if (1..=super::core::MAX_ERRNO).contains(&errno) {
+                        errno
+                    } else {
+                        libc::EIO
+                    });
                 }
                 Ok(_) => return Ok(()),
                 Err(mpsc::RecvTimeoutError::Disconnected) => return Err(libc::EIO),

@@ -37,8 +37,22 @@ impl Obj {
         PathBuf::from(format!("/proc/self/fd/{}", self.file.as_raw_fd()))
     }
 
+    /// Open the object (never blocking: a FIFO or device would wait for a partner).
     fn open(&self, flags: i32) -> Result<File, DmError> {
-        self.h.open_with(&self.live.root, flags)
+        self.h.open_with(&self.live.root, flags | libc::O_NONBLOCK)
+    }
+
+    fn kind(&self) -> u32 {
+        self.st.st_mode & libc::S_IFMT
+    }
+
+    /// Data calls (allocinfo, holes, invisible I/O, size) are for regular files: EINVAL.
+    fn regular(&self) -> Result<(), DmError> {
+        if self.kind() == libc::S_IFREG {
+            Ok(())
+        } else {
+            Err(DmError::Einval)
+        }
     }
 }
 
@@ -482,6 +496,7 @@ impl Mounts {
                     return Err(DmError::Einval);
                 }
                 let o = self.checked(sid, token, &handle, Right::Shared)?;
+                o.regular()?;
                 let f = o.open(libc::O_RDONLY | libc::O_NOATIME)?;
                 let (extents, more) = allocinfo(&f, offset, nelem)?;
                 done(DmReply::Extents { extents, more })
@@ -552,6 +567,7 @@ impl Mounts {
                     return Err(DmError::Einval);
                 }
                 let o = self.checked(sid, token, &handle, Right::Shared)?;
+                o.regular()?;
                 let f = o.open(libc::O_RDONLY | libc::O_NOATIME)?;
                 let size = rfs::fstat(&f).map_err(errno_dm)?.st_size as u64;
                 let n = length.min(size.saturating_sub(offset));
@@ -594,6 +610,7 @@ impl Mounts {
                 if o.live.shared.read_only {
                     return Err(DmError::Erofs);
                 }
+                o.regular()?;
                 let f = o.open(libc::O_WRONLY)?;
                 let before = rfs::fstat(&f).map_err(errno_dm)?;
                 f.write_all_at(&payload, offset).map_err(io_dm)?;
@@ -608,6 +625,9 @@ impl Mounts {
                 let o = self.checked(sid, token, &handle, Right::Shared)?;
                 if o.live.shared.read_only {
                     return Err(DmError::Erofs);
+                }
+                if o.kind() != libc::S_IFREG && o.kind() != libc::S_IFDIR {
+                    return Err(DmError::Einval);
                 }
                 let f = o.open(libc::O_RDONLY | libc::O_NOATIME)?;
                 rfs::fsync(&f).map_err(errno_dm)?;
@@ -633,6 +653,7 @@ impl Mounts {
             return Err(DmError::Erofs);
         }
         if let Some(size) = a.size {
+            o.regular()?;
             let f = o.open(libc::O_WRONLY)?;
             rfs::ftruncate(&f, size).map_err(errno_dm)?;
         }

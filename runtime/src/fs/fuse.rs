@@ -45,6 +45,11 @@ const DIRECT_IO_ALLOW_MMAP: u64 = 1 << 36;
 /// before every write (a round trip per write through the daemon).
 const HANDLE_KILLPRIV_V2: u64 = 1 << 28;
 
+thread_local! {
+    /// Set on fuser's dispatch thread (which must never wait for a DM application).
+    static ON_DISPATCH: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
 /// An object the kernel knows.
 pub struct Node {
     /// The FUSE inode number.
@@ -56,6 +61,8 @@ pub struct Node {
     pub opens: AtomicU32,
     destroyed: AtomicBool,
     handle: OnceLock<Vec<u8>>,
+    /// Serializes appends served by the daemon (end of file, then write).
+    append: Mutex<()>,
 }
 
 impl Node {
@@ -75,12 +82,26 @@ struct Open {
     regions: Mutex<(u64, Vec<Region>)>,
     /// Keeps the kernel's passthrough mapping alive until release.
     _backing: Option<BackingId>,
+    /// Opened with O_APPEND (served by the daemon): writes go to the backing file's end.
+    append: bool,
 }
 
-/// A directory being listed: a snapshot taken at opendir.
+/// How an open is served.
+struct OpenPlan {
+    fh: u64,
+    file: File,
+    regions: Vec<Region>,
+    passthrough: bool,
+    append: bool,
+}
+
+/// A directory being listed.
 struct DirList {
     dir: OwnedFd,
-    entries: Vec<(u64, FileType, OsString)>,
+    node: Arc<Node>,
+    /// The listing, taken at opendir and again when it is read from the start
+    /// (rewinddir).
+    entries: Mutex<Arc<Vec<(u64, FileType, OsString)>>>,
 }
 
 /// Who asked (copied off the request, which is not `Send`).
@@ -181,6 +202,7 @@ impl Shared {
             opens: AtomicU32::new(0),
             destroyed: AtomicBool::new(false),
             handle: OnceLock::new(),
+            append: Mutex::new(()),
         });
         let mut nodes = HashMap::new();
         nodes.insert(fuser::FUSE_ROOT_ID, root.clone());
@@ -348,6 +370,7 @@ impl Shared {
                         opens: AtomicU32::new(0),
                         destroyed: AtomicBool::new(false),
                         handle: OnceLock::new(),
+                        append: Mutex::new(()),
                     });
                     nodes.insert(ino, n.clone());
                     (n, true)
@@ -431,6 +454,12 @@ impl Shared {
     }
 
     fn raise_wait(&self, who: Who, kind: EventType, data: EventData) -> Result<(), i32> {
+        if ON_DISPATCH.with(std::cell::Cell::get) {
+            // the dispatcher runs an operation itself only when no synchronous event was
+            // disposed as it started; a disposition set since then must not make the one
+            // thread that serves the mount wait (the operation counts as earlier)
+            return Ok(());
+        }
         let r = self.dm.raise(self.fs, kind, data);
         self.dm.wait(r, &|| alive(who.pid))
     }
@@ -843,14 +872,31 @@ impl Shared {
         let _ = rfs::removexattr(node.proc_path(), "security.capability");
     }
 
-    /// Open the backing file: (fh, file, managed, regions).
-    fn open(&self, node: &Arc<Node>, flags: i32) -> Result<(u64, File, Vec<Region>), i32> {
+    /// Decide how an open is served and open the backing file. Passthrough: no region,
+    /// no privileges a write must drop, NOSPACE not disposed (its writes would not be
+    /// seen), and the kernel accepted passthrough.
+    fn open(&self, node: &Arc<Node>, flags: i32) -> Result<OpenPlan, i32> {
         let path = node.proc_path();
         let regions = attrs::get_regions(&path).unwrap_or_default();
-        let mut f = flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY | libc::O_TRUNC);
-        if !regions.is_empty() {
-            // the kernel gives the offset of every write; the backing file must not move it
-            f &= !libc::O_APPEND;
+        let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
+        let passthrough = regions.is_empty()
+            && self.passthrough.load(Ordering::Relaxed)
+            && !(writable
+                && (self.has_privs(node) || self.dm.disposed(self.fs, EventType::Nospace)));
+        // the name was resolved by the kernel; these would misapply to the reopening
+        let mut f = flags
+            & !(libc::O_CREAT
+                | libc::O_EXCL
+                | libc::O_NOCTTY
+                | libc::O_TRUNC
+                | libc::O_NOFOLLOW
+                | libc::O_DIRECTORY
+                | libc::O_PATH);
+        let append = !passthrough && flags & libc::O_APPEND != 0;
+        if !passthrough {
+            // the daemon reads and writes through its own buffers, at offsets it chooses
+            // (appends at the backing file's end, see `write`)
+            f &= !(libc::O_APPEND | libc::O_DIRECT);
         }
         let fd = rfs::openat(
             rfs::CWD,
@@ -860,7 +906,13 @@ impl Shared {
         )
         .map_err(errno)?;
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        Ok((fh, File::from(fd), regions))
+        Ok(OpenPlan {
+            fh,
+            file: File::from(fd),
+            regions,
+            passthrough,
+            append,
+        })
     }
 
     fn release(&self, fh: u64) {
@@ -952,7 +1004,15 @@ impl Shared {
             self.raise_wait(who, EventType::Write, ev)?;
         }
         self.nospace(who, || {
-            open.file.write_all_at(data, offset).map_err(io_errno)
+            if open.append {
+                // O_APPEND: at the backing file's end now (the kernel's idea of the size
+                // may be stale), one append at a time
+                let _g = lock(&open.node.append);
+                let end = rfs::fstat(&open.file).map_err(errno)?.st_size as u64;
+                open.file.write_all_at(data, end).map_err(io_errno)
+            } else {
+                open.file.write_all_at(data, offset).map_err(io_errno)
+            }
         })?;
         if kill {
             self.kill_privs(&open.node);
@@ -960,7 +1020,7 @@ impl Shared {
         Ok(data.len() as u32)
     }
 
-    fn opendir(&self, node: &Node) -> Result<u64, i32> {
+    fn list(&self, node: &Node) -> Result<Vec<(u64, FileType, OsString)>, i32> {
         let dir = rfs::openat(
             rfs::CWD,
             node.proc_path(),
@@ -969,7 +1029,7 @@ impl Shared {
         )
         .map_err(errno)?;
         let mut entries = Vec::new();
-        let mut d = rfs::Dir::read_from(&dir).map_err(errno)?;
+        let mut d = rfs::Dir::new(dir).map_err(errno)?;
         while let Some(e) = d.read() {
             let e = e.map_err(errno)?;
             let kind = match e.file_type() {
@@ -992,8 +1052,27 @@ impl Shared {
             };
             entries.push((ino, kind, name));
         }
+        Ok(entries)
+    }
+
+    fn opendir(&self, node: &Arc<Node>) -> Result<u64, i32> {
+        let dir = rfs::openat(
+            rfs::CWD,
+            node.proc_path(),
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(errno)?;
+        let entries = self.list(node)?;
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        lock(&self.dirs).insert(fh, Arc::new(DirList { dir, entries }));
+        lock(&self.dirs).insert(
+            fh,
+            Arc::new(DirList {
+                dir,
+                node: node.clone(),
+                entries: Mutex::new(Arc::new(entries)),
+            }),
+        );
         Ok(fh)
     }
 
@@ -1095,6 +1174,7 @@ macro_rules! node_or_reply {
 
 impl Filesystem for ManagedFs {
     fn init(&mut self, _req: &Request<'_>, config: &mut KernelConfig) -> Result<(), libc::c_int> {
+        ON_DISPATCH.with(|d| d.set(true));
         if config.add_capabilities(consts::FUSE_PASSTHROUGH).is_ok()
             && config.set_max_stack_depth(2).is_ok()
         {
@@ -1302,20 +1382,13 @@ impl Filesystem for ManagedFs {
 
     fn open(&mut self, _req: &Request<'_>, ino: u64, flags: i32, reply: ReplyOpen) {
         let n = node_or_reply!(self.s, ino, reply);
-        let (fh, file, regions) = match self.s.open(&n, flags) {
+        let mut plan = match self.s.open(&n, flags) {
             Ok(x) => x,
             Err(e) => return reply.error(e),
         };
-        let managed = !regions.is_empty();
-        // a write to a privileged file must drop the privileges: served here, where the
-        // kernel tells which writers are unprivileged
-        let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
-        let privileged = writable && self.s.has_privs(&n);
-        // NOSPACE is raised from the daemon's writes: with it disposed, writes come here
-        let nospace = writable && self.s.dm.disposed(self.s.fs, EventType::Nospace);
         let mut backing = None;
-        if !managed && !privileged && !nospace && self.s.passthrough.load(Ordering::Relaxed) {
-            match reply.open_backing(&file) {
+        if plan.passthrough {
+            match reply.open_backing(&plan.file) {
                 Ok(id) => backing = Some(id),
                 Err(e) => {
                     tracing::warn!(
@@ -1323,23 +1396,30 @@ impl Filesystem for ManagedFs {
                         "passthrough open failed ({e}): served by the daemon"
                     );
                     self.s.passthrough.store(false, Ordering::Relaxed);
+                    // open again, for the daemon (no O_DIRECT, appends by the daemon)
+                    plan = match self.s.open(&n, flags) {
+                        Ok(x) => x,
+                        Err(e) => return reply.error(e),
+                    };
                 }
             }
         }
-        let passthrough = backing.is_some();
+        let managed = !plan.regions.is_empty();
+        let fh = plan.fh;
         let open = Arc::new(Open {
             node: n.clone(),
-            file,
+            file: plan.file,
             managed,
-            regions: Mutex::new((self.s.regions_gen.load(Ordering::Acquire), regions)),
+            regions: Mutex::new((self.s.regions_gen.load(Ordering::Acquire), plan.regions)),
             _backing: backing,
+            append: plan.append,
         });
         n.opens.fetch_add(1, Ordering::AcqRel);
         lock(&self.s.opens).insert(fh, open.clone());
         match &open._backing {
-            Some(id) if passthrough => reply.opened_passthrough(fh, 0, id),
-            _ if managed => reply.opened(fh, consts::FOPEN_DIRECT_IO),
-            _ => reply.opened(fh, 0),
+            Some(id) => reply.opened_passthrough(fh, 0, id),
+            None if managed => reply.opened(fh, consts::FOPEN_DIRECT_IO),
+            None => reply.opened(fh, 0),
         }
     }
 
@@ -1393,7 +1473,12 @@ impl Filesystem for ManagedFs {
             Err(e) => return reply.error(e),
         };
         let who = Who::of(req);
-        let offset = offset.max(0) as u64;
+        let offset = if open.append {
+            // where the append will land (the event says so)
+            rfs::fstat(&open.file).map_or(0, |st| st.st_size as u64)
+        } else {
+            offset.max(0) as u64
+        };
         let event = self.s.raises(
             &open,
             offset,
@@ -1478,7 +1563,15 @@ impl Filesystem for ManagedFs {
         let Some(d) = lock(&self.s.dirs).get(&fh).cloned() else {
             return reply.error(libc::EBADF);
         };
-        for (i, (ino, kind, name)) in d.entries.iter().enumerate().skip(offset.max(0) as usize) {
+        if offset == 0 {
+            // from the start again (rewinddir): a fresh listing
+            match self.s.list(&d.node) {
+                Ok(e) => *lock(&d.entries) = Arc::new(e),
+                Err(e) => return reply.error(e),
+            }
+        }
+        let entries = lock(&d.entries).clone();
+        for (i, (ino, kind, name)) in entries.iter().enumerate().skip(offset.max(0) as usize) {
             if reply.add(*ino, (i + 1) as i64, *kind, name) {
                 break;
             }

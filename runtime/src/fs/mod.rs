@@ -97,6 +97,9 @@ impl Live {
 pub struct Mounts {
     dm: Arc<Dm>,
     live: Mutex<HashMap<FsId, Arc<Live>>>,
+    /// Mounts and unmounts one at a time (from the check that nothing is mounted there to
+    /// the record that something now is).
+    changing: Mutex<()>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -114,6 +117,7 @@ impl Mounts {
         Mounts {
             dm,
             live: Mutex::new(HashMap::new()),
+            changing: Mutex::new(()),
         }
     }
 
@@ -179,6 +183,7 @@ impl Mounts {
         mountpoint: &Path,
         read_only: bool,
     ) -> Result<MountInfo, FsError> {
+        let _one_at_a_time = lock(&self.changing);
         if !fuse_available() {
             return Err(fail(
                 libc::ENOSYS,
@@ -341,6 +346,7 @@ impl Mounts {
     /// unmount (busy: EBUSY, unless `force`, which detaches it lazily), then UNMOUNT with
     /// the result.
     pub fn umount(&self, what: &Path, force: bool) -> Result<(), FsError> {
+        let _one_at_a_time = lock(&self.changing);
         let Some((fs, live)) = self.find(what) else {
             return Err(fail(
                 libc::EINVAL,

@@ -165,6 +165,7 @@ impl Router {
         {
             return Err(dm::DmError::Eexist);
         }
+        let (fs, _, _) = self.mounts.locate(path)?;
         let dm = self.mounts.dm().clone();
         let client = NEXT_CLIENT.fetch_add(1, Ordering::Relaxed);
         let info = format!("plugin:{name}").into_bytes();
@@ -193,47 +194,53 @@ impl Router {
                 _ => return Err(dm::DmError::Estale),
             },
         };
-        let (fs, _, _) = self.mounts.locate(path)?;
-        let fs_handle = Mounts::fs_handle(fs);
-        let (mount, rest): (Vec<EventType>, Vec<EventType>) = events
-            .types()
-            .into_iter()
-            .partition(|t| *t == EventType::Mount);
-        let rest = EventSet::of(&rest);
-        ok(reply(dm.call(
-            client,
-            DmRequest::SetDisp {
-                sid,
-                fs_handle: fs_handle.clone(),
-                events: rest,
-            },
-            vec![],
-        )))?;
-        if !mount.is_empty() {
+        let set_up = || -> Result<(), dm::DmError> {
+            let fs_handle = Mounts::fs_handle(fs);
+            let (mount, rest): (Vec<EventType>, Vec<EventType>) = events
+                .types()
+                .into_iter()
+                .partition(|t| *t == EventType::Mount);
+            let rest = EventSet::of(&rest);
             ok(reply(dm.call(
                 client,
                 DmRequest::SetDisp {
                     sid,
-                    fs_handle: vec![],
-                    events: EventSet::of(&mount),
+                    fs_handle,
+                    events: rest,
                 },
                 vec![],
             )))?;
-        }
-        let mut fs_events = dm.fs_events(fs);
-        for t in rest.types() {
-            fs_events.set(t);
-        }
-        dm.update_fs(fs, |r| r.events = fs_events)?;
-        let rec = AttachRecord {
-            path: path.to_path_buf(),
-            events,
-            sid,
+            if !mount.is_empty() {
+                ok(reply(dm.call(
+                    client,
+                    DmRequest::SetDisp {
+                        sid,
+                        fs_handle: vec![],
+                        events: EventSet::of(&mount),
+                    },
+                    vec![],
+                )))?;
+            }
+            let mut fs_events = dm.fs_events(fs);
+            for t in rest.types() {
+                fs_events.set(t);
+            }
+            dm.update_fs(fs, |r| r.events = fs_events)?;
+            let rec = AttachRecord {
+                path: path.to_path_buf(),
+                events,
+                sid,
+            };
+            self.record(name, Some(&rec)).map_err(|e| {
+                tracing::error!(name, "cannot record the attachment: {e}");
+                dm::DmError::Enomem
+            })
         };
-        self.record(name, Some(&rec)).map_err(|e| {
-            tracing::error!(name, "cannot record the attachment: {e}");
-            dm::DmError::Enomem
-        })?;
+        if let Err(e) = set_up() {
+            // leave nothing behind: no dispositions, no session
+            release_session(&dm, client, sid);
+            return Err(e);
+        }
         let stop = Arc::new(AtomicBool::new(false));
         let backend: Arc<dyn DmBackend> = Arc::new(Backend {
             mounts: self.mounts.clone(),
@@ -279,37 +286,10 @@ impl Router {
             return Err(dm::DmError::Enoent);
         };
         let dm = self.mounts.dm().clone();
-        if let Some(mut a) = a {
-            a.stop.store(true, Ordering::Release);
-            dm.disconnect(a.client);
-            if let Some(t) = a.thread.take() {
-                let _ = t.join();
-            }
+        if let Some(a) = a {
+            stop_worker(&dm, a);
         }
-        let client = NEXT_CLIENT.fetch_add(1, Ordering::Relaxed);
-        if let Ok(DmReply::Dispositions { disp }) = ok(reply(dm.call(
-            client,
-            DmRequest::GetallDisp { sid, buflen: None },
-            vec![],
-        ))) {
-            for (fs, _) in disp {
-                let fs_handle = if fs == crate::dm::service::GLOBAL_FS {
-                    vec![]
-                } else {
-                    Mounts::fs_handle(fs)
-                };
-                let _ = dm.call(
-                    client,
-                    DmRequest::SetDisp {
-                        sid,
-                        fs_handle,
-                        events: EventSet::empty(),
-                    },
-                    vec![],
-                );
-            }
-        }
-        let _ = dm.call(client, DmRequest::DestroySession { sid }, vec![]);
+        release_session(&dm, NEXT_CLIENT.fetch_add(1, Ordering::Relaxed), sid);
         if let Err(e) = self.record(name, None) {
             tracing::error!(name, "cannot forget the attachment: {e}");
         }
@@ -337,14 +317,73 @@ impl Router {
             .unwrap_or_else(|p| p.into_inner())
             .drain()
             .collect();
-        for (_, mut a) in all {
-            a.stop.store(true, Ordering::Release);
-            self.mounts.dm().disconnect(a.client);
-            if let Some(t) = a.thread.take() {
-                let _ = t.join();
-            }
+        for (_, a) in all {
+            stop_worker(self.mounts.dm(), a);
         }
     }
+}
+
+/// Stop a worker: it may be about to park in get_events, so its parked call is dropped
+/// until it has seen the stop flag.
+fn stop_worker(dm: &crate::dm::service::Dm, mut a: Attached) {
+    a.stop.store(true, Ordering::Release);
+    if let Some(t) = a.thread.take() {
+        while !t.is_finished() {
+            dm.disconnect(a.client);
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let _ = t.join();
+    }
+}
+
+/// Give a session up: its outstanding events are answered "don't care", its dispositions
+/// cleared, and it is destroyed.
+fn release_session(dm: &crate::dm::service::Dm, client: u64, sid: SessionId) {
+    if let Ok(DmReply::Tokens { tokens }) = ok(reply(dm.call(
+        client,
+        DmRequest::Tokens { sid, nelem: None },
+        vec![],
+    ))) {
+        for token in tokens {
+            let _ = dm.call(
+                client,
+                DmRequest::Respond {
+                    sid,
+                    token,
+                    response: dm::Response::Dontcare,
+                },
+                vec![],
+            );
+        }
+    }
+    if let Ok(DmReply::Dispositions { disp }) = ok(reply(dm.call(
+        client,
+        DmRequest::GetallDisp { sid, buflen: None },
+        vec![],
+    ))) {
+        for (fs, _) in disp {
+            let fs_handle = if fs == crate::dm::service::GLOBAL_FS {
+                vec![]
+            } else {
+                Mounts::fs_handle(fs)
+            };
+            let _ = dm.call(
+                client,
+                DmRequest::SetDisp {
+                    sid,
+                    fs_handle,
+                    events: EventSet::empty(),
+                },
+                vec![],
+            );
+        }
+    }
+    if let DmReply::Error { error } =
+        reply(dm.call(client, DmRequest::DestroySession { sid }, vec![]))
+    {
+        tracing::warn!(sid, "cannot destroy the policy's session: {error}");
+    }
+    dm.disconnect(client);
 }
 
 fn worker(
@@ -383,7 +422,13 @@ fn worker(
                 let response = match policy.on_event(&event, backend.clone()) {
                     wit::Response::Continue => dm::Response::Continue,
                     wit::Response::DontCare => dm::Response::Dontcare,
-                    wit::Response::Abort(e) => dm::Response::Abort(e as i32),
+                    // an errno the kernel would refuse becomes EIO
+                    wit::Response::Abort(e) => dm::Response::Abort(
+                        i32::try_from(e)
+                            .ok()
+                            .filter(|e| (1..=crate::dm::core::MAX_ERRNO).contains(e))
+                            .unwrap_or(libc::EIO),
+                    ),
                 };
                 if let DmReply::Error { error } = reply(service.call(
                     client,
