@@ -169,6 +169,17 @@ impl Mounts {
             return Err(DmError::Ebadf);
         }
         let st = rfs::fstat(&file).map_err(errno_dm)?;
+        if st.st_nlink == 0 {
+            // unlinked: it exists only while something has it open (the kernel may still
+            // hold it for a moment after the last close; that is not an object any more)
+            let open = live
+                .shared
+                .node(live.shared.fuse_ino(st.st_ino))
+                .is_some_and(|n| n.opens.load(Ordering::Acquire) > 0);
+            if !open {
+                return Err(DmError::Ebadf);
+            }
+        }
         Ok(Obj { h, live, file, st })
     }
 
