@@ -184,6 +184,13 @@ impl Mounts {
         read_only: bool,
     ) -> Result<MountInfo, FsError> {
         let _one_at_a_time = lock(&self.changing);
+        if !rustix::process::geteuid().is_root() {
+            return Err(fail(
+                libc::EPERM,
+                "managed filesystems need stratad to run as root (trusted.* attributes need \
+                 CAP_SYS_ADMIN, handles CAP_DAC_READ_SEARCH)",
+            ));
+        }
         if !fuse_available() {
             return Err(fail(
                 libc::ENOSYS,
