@@ -481,6 +481,33 @@ fn open_flags_appends_and_directory_listings() {
         m.mnt.join("managed").to_str().unwrap(),
         "0:0:r",
     ]);
+    // several opens of one file at once, with different flags, all work (they share the
+    // inode's one passthrough backing file); writes through one are seen through the other
+    {
+        let p = m.mnt.join("plain");
+        let r = File::open(&p).unwrap();
+        let w = File::options().read(true).write(true).open(&p).unwrap();
+        let a = File::options().append(true).open(&p).unwrap();
+        w.write_all_at(b"PL", 0).unwrap();
+        (&a).write_all(b"+").unwrap();
+        let mut got = String::new();
+        (&r).read_to_string(&mut got).unwrap();
+        assert_eq!(got, "PLain+");
+        // SAFETY: a read-only map of a file only this test changes, through `w`.
+        let map = unsafe { memmap2::Mmap::map(&r).unwrap() };
+        assert_eq!(&map[..2], b"PL");
+    }
+    // the same for a file the daemon serves (a region): opens follow the first one
+    {
+        let p = m.mnt.join("managed");
+        let r = File::open(&p).unwrap();
+        let w = File::options().write(true).open(&p).unwrap();
+        w.write_all_at(b"Z", 0).unwrap();
+        let mut b = [0u8; 1];
+        r.read_exact_at(&mut b, 0).unwrap();
+        assert_eq!(&b, b"Z");
+        w.write_all_at(b"A", 0).unwrap();
+    }
     // O_NOFOLLOW on a regular file is fine
     for f in ["plain", "managed"] {
         let mut s = String::new();

@@ -32,7 +32,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// How long the kernel may cache entries and attributes. DM calls that change an object
@@ -63,6 +63,13 @@ pub struct Node {
     handle: OnceLock<Vec<u8>>,
     /// Serializes appends served by the daemon (end of file, then write).
     append: Mutex<()>,
+    /// The backing file registered with the kernel for passthrough, while some open uses
+    /// it: the kernel allows one per inode, so every passthrough open of the node shares
+    /// it (and it is opened read-write when it can be). `true`: it is writable.
+    passthrough: Mutex<(Weak<BackingId>, bool)>,
+    /// Opens of the node the daemon serves (the kernel refuses passthrough opens of an
+    /// inode while others are open without it, and the reverse).
+    served: AtomicU32,
 }
 
 impl Node {
@@ -80,18 +87,10 @@ struct Open {
     managed: bool,
     /// (regions generation, regions) last read.
     regions: Mutex<(u64, Vec<Region>)>,
-    /// Keeps the kernel's passthrough mapping alive until release.
-    _backing: Option<BackingId>,
+    /// The kernel's passthrough mapping (shared by the node's passthrough opens), kept
+    /// alive until release.
+    backing: Option<Arc<BackingId>>,
     /// Opened with O_APPEND (served by the daemon): writes go to the backing file's end.
-    append: bool,
-}
-
-/// How an open is served.
-struct OpenPlan {
-    fh: u64,
-    file: File,
-    regions: Vec<Region>,
-    passthrough: bool,
     append: bool,
 }
 
@@ -203,6 +202,8 @@ impl Shared {
             destroyed: AtomicBool::new(false),
             handle: OnceLock::new(),
             append: Mutex::new(()),
+            passthrough: Mutex::new((Weak::new(), false)),
+            served: AtomicU32::new(0),
         });
         let mut nodes = HashMap::new();
         nodes.insert(fuser::FUSE_ROOT_ID, root.clone());
@@ -371,6 +372,8 @@ impl Shared {
                         destroyed: AtomicBool::new(false),
                         handle: OnceLock::new(),
                         append: Mutex::new(()),
+                        passthrough: Mutex::new((Weak::new(), false)),
+                        served: AtomicU32::new(0),
                     });
                     nodes.insert(ino, n.clone());
                     (n, true)
@@ -872,47 +875,66 @@ impl Shared {
         let _ = rfs::removexattr(node.proc_path(), "security.capability");
     }
 
-    /// Decide how an open is served and open the backing file. Passthrough: no region,
-    /// no privileges a write must drop, NOSPACE not disposed (its writes would not be
-    /// seen), and the kernel accepted passthrough.
-    fn open(&self, node: &Arc<Node>, flags: i32) -> Result<OpenPlan, i32> {
-        let path = node.proc_path();
-        let regions = attrs::get_regions(&path).unwrap_or_default();
+    /// What an open would want on its own: (regions, passthrough). Passthrough: no
+    /// region, no privileges a write must drop, NOSPACE not disposed (its writes would not
+    /// be seen), and the kernel accepted passthrough.
+    fn wants(&self, node: &Node, flags: i32) -> (Vec<Region>, bool, bool) {
+        let regions = attrs::get_regions(&node.proc_path()).unwrap_or_default();
         let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
+        let privileged = writable && self.has_privs(node);
         let passthrough = regions.is_empty()
             && self.passthrough.load(Ordering::Relaxed)
-            && !(writable
-                && (self.has_privs(node) || self.dm.disposed(self.fs, EventType::Nospace)));
-        // the name was resolved by the kernel; these would misapply to the reopening
-        let mut f = flags
-            & !(libc::O_CREAT
-                | libc::O_EXCL
-                | libc::O_NOCTTY
-                | libc::O_TRUNC
-                | libc::O_NOFOLLOW
-                | libc::O_DIRECTORY
-                | libc::O_PATH);
-        let append = !passthrough && flags & libc::O_APPEND != 0;
-        if !passthrough {
-            // the daemon reads and writes through its own buffers, at offsets it chooses
-            // (appends at the backing file's end, see `write`)
-            f &= !(libc::O_APPEND | libc::O_DIRECT);
-        }
-        let fd = rfs::openat(
-            rfs::CWD,
-            &path,
-            OFlags::from_bits_retain(f as u32) | OFlags::CLOEXEC,
-            Mode::empty(),
-        )
-        .map_err(errno)?;
-        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        Ok(OpenPlan {
-            fh,
-            file: File::from(fd),
-            regions,
-            passthrough,
-            append,
-        })
+            && !privileged
+            && !(writable && self.dm.disposed(self.fs, EventType::Nospace));
+        (regions, passthrough, privileged)
+    }
+
+    /// Open the backing file for a passthrough open (read-write when the file allows it:
+    /// the kernel does the I/O of every passthrough open of the inode on it, with each
+    /// open's own flags) or for the daemon (the caller's flags, without those the daemon
+    /// handles itself).
+    fn open_file(&self, node: &Node, flags: i32, passthrough: bool) -> Result<File, i32> {
+        let path = node.proc_path();
+        let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
+        let fd = if passthrough {
+            match rfs::openat(
+                rfs::CWD,
+                &path,
+                OFlags::RDWR | OFlags::CLOEXEC,
+                Mode::empty(),
+            ) {
+                Ok(fd) => fd,
+                Err(_) if !writable => rfs::openat(
+                    rfs::CWD,
+                    &path,
+                    OFlags::RDONLY | OFlags::CLOEXEC,
+                    Mode::empty(),
+                )
+                .map_err(errno)?,
+                Err(e) => return Err(errno(e)),
+            }
+        } else {
+            // the name was resolved by the kernel; the daemon reads and writes through its
+            // own buffers at offsets it chooses (appends at the backing file's end)
+            let f = flags
+                & !(libc::O_CREAT
+                    | libc::O_EXCL
+                    | libc::O_NOCTTY
+                    | libc::O_TRUNC
+                    | libc::O_NOFOLLOW
+                    | libc::O_DIRECTORY
+                    | libc::O_PATH
+                    | libc::O_APPEND
+                    | libc::O_DIRECT);
+            rfs::openat(
+                rfs::CWD,
+                &path,
+                OFlags::from_bits_retain(f as u32) | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+            .map_err(errno)?
+        };
+        Ok(File::from(fd))
     }
 
     fn release(&self, fh: u64) {
@@ -920,6 +942,9 @@ impl Shared {
             return;
         };
         let node = open.node.clone();
+        if open.backing.is_none() {
+            node.served.fetch_sub(1, Ordering::AcqRel);
+        }
         drop(open);
         node.opens.fetch_sub(1, Ordering::AcqRel);
         self.post_if(EventType::Close, &node, || {
@@ -1163,6 +1188,41 @@ impl ManagedFs {
     }
 }
 
+/// A new file handle for `file`.
+fn fh_file(s: &Shared, file: File) -> (u64, File) {
+    (s.next_fh.fetch_add(1, Ordering::Relaxed), file)
+}
+
+impl ManagedFs {
+    /// Record an open and answer the kernel.
+    fn opened(
+        &self,
+        n: Arc<Node>,
+        (fh, file): (u64, File),
+        regions: Vec<Region>,
+        backing: Option<Arc<BackingId>>,
+        append: bool,
+        reply: ReplyOpen,
+    ) {
+        let open = Arc::new(Open {
+            node: n.clone(),
+            file,
+            managed: !regions.is_empty(),
+            regions: Mutex::new((self.s.regions_gen.load(Ordering::Acquire), regions)),
+            backing,
+            append,
+        });
+        n.opens.fetch_add(1, Ordering::AcqRel);
+        lock(&self.s.opens).insert(fh, open.clone());
+        match &open.backing {
+            Some(id) => reply.opened_passthrough(fh, 0, id),
+            // served here with direct I/O: no page cache of the inode competes with the
+            // kernel's passthrough opens of it (the kernel refuses the mix)
+            None => reply.opened(fh, consts::FOPEN_DIRECT_IO),
+        }
+    }
+}
+
 macro_rules! node_or_reply {
     ($s:expr, $ino:expr, $reply:ident) => {
         match $s.node_or($ino) {
@@ -1382,45 +1442,72 @@ impl Filesystem for ManagedFs {
 
     fn open(&mut self, _req: &Request<'_>, ino: u64, flags: i32, reply: ReplyOpen) {
         let n = node_or_reply!(self.s, ino, reply);
-        let mut plan = match self.s.open(&n, flags) {
-            Ok(x) => x,
-            Err(e) => return reply.error(e),
-        };
-        let mut backing = None;
-        if plan.passthrough {
-            match reply.open_backing(&plan.file) {
-                Ok(id) => backing = Some(id),
-                Err(e) => {
-                    tracing::warn!(
-                        fs = self.s.fs,
-                        "passthrough open failed ({e}): served by the daemon"
-                    );
-                    self.s.passthrough.store(false, Ordering::Relaxed);
-                    // open again, for the daemon (no O_DIRECT, appends by the daemon)
-                    plan = match self.s.open(&n, flags) {
-                        Ok(x) => x,
-                        Err(e) => return reply.error(e),
-                    };
+        let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
+        let (regions, wants_passthrough, privileged) = self.s.wants(&n, flags);
+        // the kernel serves an inode either all by passthrough (one backing file) or all
+        // through the daemon: an open follows the opens already there
+        let mut pt = lock(&n.passthrough);
+        let live = pt.0.upgrade();
+        let served_now = n.served.load(Ordering::Acquire) > 0;
+        let backing = match live {
+            Some(_) if privileged => {
+                // a write that must drop setuid/setgid cannot go by passthrough
+                return reply.error(libc::ETXTBSY);
+            }
+            Some(_) if writable && !pt.1 => return reply.error(libc::ETXTBSY),
+            // passthrough opens are there: this one shares their backing file (a region
+            // set meanwhile takes effect once they are closed)
+            Some(id) => Some(id),
+            None if served_now || !wants_passthrough => None,
+            None => {
+                let file = match self.s.open_file(&n, flags, true) {
+                    Ok(f) => f,
+                    Err(e) => return reply.error(e),
+                };
+                let rw = rfs::fcntl_getfl(&file)
+                    .map(|f| f.contains(OFlags::RDWR))
+                    .unwrap_or(false);
+                match reply.open_backing(&file) {
+                    Ok(id) => {
+                        let id = Arc::new(id);
+                        *pt = (Arc::downgrade(&id), rw);
+                        drop(pt);
+                        return self.opened(
+                            n,
+                            fh_file(&self.s, file),
+                            regions,
+                            Some(id),
+                            false,
+                            reply,
+                        );
+                    }
+                    Err(e) => {
+                        tracing::warn!(
+                            fs = self.s.fs,
+                            "passthrough open failed ({e}): served by the daemon"
+                        );
+                        self.s.passthrough.store(false, Ordering::Relaxed);
+                        None
+                    }
                 }
             }
+        };
+        let passthrough = backing.is_some();
+        if !passthrough {
+            n.served.fetch_add(1, Ordering::AcqRel);
         }
-        let managed = !plan.regions.is_empty();
-        let fh = plan.fh;
-        let open = Arc::new(Open {
-            node: n.clone(),
-            file: plan.file,
-            managed,
-            regions: Mutex::new((self.s.regions_gen.load(Ordering::Acquire), plan.regions)),
-            _backing: backing,
-            append: plan.append,
-        });
-        n.opens.fetch_add(1, Ordering::AcqRel);
-        lock(&self.s.opens).insert(fh, open.clone());
-        match &open._backing {
-            Some(id) => reply.opened_passthrough(fh, 0, id),
-            None if managed => reply.opened(fh, consts::FOPEN_DIRECT_IO),
-            None => reply.opened(fh, 0),
-        }
+        drop(pt);
+        let file = match self.s.open_file(&n, flags, passthrough) {
+            Ok(f) => f,
+            Err(e) => {
+                if !passthrough {
+                    n.served.fetch_sub(1, Ordering::AcqRel);
+                }
+                return reply.error(e);
+            }
+        };
+        let append = !passthrough && flags & libc::O_APPEND != 0;
+        self.opened(n, fh_file(&self.s, file), regions, backing, append, reply);
     }
 
     fn read(
