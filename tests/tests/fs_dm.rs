@@ -445,7 +445,18 @@ fn every_seed_001_error_code() {
         length: 10,
     };
     assert_eq!(s.call(&req, b"abc").err(), Some(DmError::Efault));
-    // dm_punch_hole: EBUSY while the file is memory mapped
+    // dm_punch_hole: EBUSY while the file is memory mapped (a managed file, served by the
+    // daemon: a NOEVENT region)
+    s.set_region(
+        0,
+        &h,
+        &[Region {
+            offset: 0,
+            size: 0,
+            flags: 0,
+        }],
+    )
+    .unwrap();
     {
         let file = File::open(&f).unwrap();
         // SAFETY: a read-only map of a file nothing truncates during the test.
@@ -648,6 +659,26 @@ fn bad_input_gets_the_documented_error_and_the_mount_keeps_working() {
         Some(libc::EPERM)
     );
     a.set_disp(&fs, EventSet::empty()).unwrap();
+    // a file open by passthrough (its reads never reach the daemon): regions that raise
+    // events and holes are EBUSY until it is closed (its reader would see zeros, no event)
+    std::fs::write(m.mnt.join("pt"), vec![7u8; 8192]).unwrap();
+    let hp = a.path_to_handle(m.mnt.join("pt")).unwrap();
+    let reader = File::open(m.mnt.join("pt")).unwrap();
+    let r = [Region {
+        offset: 0,
+        size: 0,
+        flags: 1,
+    }];
+    assert_eq!(a.set_region(0, &hp, &r), Err(DmError::Ebusy));
+    assert_eq!(a.punch_hole(0, &hp, 0, 0), Err(DmError::Ebusy));
+    drop(reader);
+    let t0 = Instant::now();
+    // the kernel releases the open asynchronously
+    while a.set_region(0, &hp, &r) == Err(DmError::Ebusy) {
+        assert!(t0.elapsed() < Duration::from_secs(5));
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    a.punch_hole(0, &hp, 0, 0).unwrap();
     // data calls on a FIFO: EINVAL at once (nothing waits for a partner)
     let fifo = m.mnt.join("fifo");
     assert!(std::process::Command::new("mkfifo")

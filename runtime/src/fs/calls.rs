@@ -424,6 +424,10 @@ impl Mounts {
                         flags: r.flags,
                     })
                     .collect();
+                // regions that raise events cannot cover opens that bypass the daemon
+                if r.iter().any(|r| r.flags != 0) && o.live.shared.passthrough_open(o.st.st_ino) {
+                    return Err(DmError::Ebusy);
+                }
                 let exact = attrs::set_regions(&o.path(), &r)?;
                 o.live.shared.regions_gen.fetch_add(1, Ordering::AcqRel);
                 done(DmReply::Exact { exact })
@@ -539,9 +543,11 @@ impl Mounts {
                 if o.st.st_mode & libc::S_IFMT != libc::S_IFREG {
                     return Err(DmError::Einval);
                 }
+                // mapped, or open by passthrough (whose reads would see zeros, no event)
                 if o.live
                     .shared
                     .is_mapped(o.st.st_dev, o.st.st_ino, o.live.dev)
+                    || o.live.shared.passthrough_open(o.st.st_ino)
                 {
                     return Err(DmError::Ebusy);
                 }

@@ -251,6 +251,13 @@ impl Shared {
         lock(&self.nodes).get(&ino).cloned()
     }
 
+    /// Whether the kernel has passthrough opens of this backing inode: their reads and
+    /// writes never reach the daemon, so no data event could be raised for them.
+    pub fn passthrough_open(&self, backing_ino: u64) -> bool {
+        self.node(self.fuse_ino(backing_ino))
+            .is_some_and(|n| lock(&n.passthrough).0.strong_count() > 0)
+    }
+
     fn node_or(&self, ino: u64) -> Result<Arc<Node>, i32> {
         self.node(ino).ok_or(libc::ESTALE)
     }
@@ -897,20 +904,22 @@ impl Shared {
         let path = node.proc_path();
         let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
         let fd = if passthrough {
-            match rfs::openat(
-                rfs::CWD,
-                &path,
-                OFlags::RDWR | OFlags::CLOEXEC,
-                Mode::empty(),
-            ) {
-                Ok(fd) => fd,
-                Err(_) if !writable => rfs::openat(
+            // O_NONBLOCK: a lease on the backing file must not stall the dispatch thread
+            // (EWOULDBLOCK instead); a file being executed refuses writers (ETXTBSY):
+            // readers then get a read-only backing file
+            let open = |mode: OFlags| {
+                let fd = rfs::openat(
                     rfs::CWD,
                     &path,
-                    OFlags::RDONLY | OFlags::CLOEXEC,
+                    mode | OFlags::NONBLOCK | OFlags::CLOEXEC,
                     Mode::empty(),
-                )
-                .map_err(errno)?,
+                )?;
+                rfs::fcntl_setfl(&fd, rfs::fcntl_getfl(&fd)? - OFlags::NONBLOCK)?;
+                Ok::<_, rustix::io::Errno>(fd)
+            };
+            match open(OFlags::RDWR) {
+                Ok(fd) => fd,
+                Err(_) if !writable => open(OFlags::RDONLY).map_err(errno)?,
                 Err(e) => return Err(errno(e)),
             }
         } else {

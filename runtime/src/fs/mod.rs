@@ -100,6 +100,8 @@ pub struct Mounts {
     /// Mounts and unmounts one at a time (from the check that nothing is mounted there to
     /// the record that something now is).
     changing: Mutex<()>,
+    /// The daemon is stopping: a mount that finishes now is undone (set under `live`).
+    closing: std::sync::atomic::AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -118,6 +120,7 @@ impl Mounts {
             dm,
             live: Mutex::new(HashMap::new()),
             changing: Mutex::new(()),
+            closing: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -324,7 +327,15 @@ impl Mounts {
             notifier,
             thread: Mutex::new(Some(thread)),
         });
-        lock(&self.live).insert(fs, live.clone());
+        {
+            let mut l = lock(&self.live);
+            if self.closing.load(std::sync::atomic::Ordering::Acquire) {
+                drop(l);
+                let _ = self.detach(&live, true);
+                return Err(fail(libc::ESHUTDOWN, "the daemon is stopping"));
+            }
+            l.insert(fs, live.clone());
+        }
         if let Err(e) = self.dm.update_fs(fs, |r| {
             r.mountpoint = Some(mountpoint.clone());
             r.read_only = read_only;
@@ -450,7 +461,12 @@ impl Mounts {
     /// The daemon stops: unmount everything (lazily: nothing waits), keeping the records
     /// so that the next start mounts them again.
     pub fn shutdown(&self) {
-        let all: Vec<_> = lock(&self.live).drain().collect();
+        let all: Vec<_> = {
+            let mut l = lock(&self.live);
+            self.closing
+                .store(true, std::sync::atomic::Ordering::Release);
+            l.drain().collect()
+        };
         for (_, live) in all {
             let _ = self.detach(&live, true);
         }

@@ -80,6 +80,8 @@ pub struct Router {
     mounts: Arc<Mounts>,
     db: Arc<redb::Database>,
     attached: Mutex<HashMap<String, Attached>>,
+    /// Attaches and detaches one at a time (a name is checked and taken atomically).
+    changing: Mutex<()>,
 }
 
 /// Pseudo client ids of in-daemon DM applications (socket clients count up from 1).
@@ -111,6 +113,7 @@ impl Router {
             mounts,
             db,
             attached: Mutex::new(HashMap::new()),
+            changing: Mutex::new(()),
         })
     }
 
@@ -157,6 +160,7 @@ impl Router {
         events: EventSet,
         sid: Option<SessionId>,
     ) -> Result<SessionId, dm::DmError> {
+        let _one_at_a_time = self.changing.lock().unwrap_or_else(|p| p.into_inner());
         if self
             .attached
             .lock()
@@ -273,6 +277,7 @@ impl Router {
     /// Detach: the worker stops, the dispositions go, the session is destroyed (its
     /// outstanding events, if any, keep it: they time out first).
     pub fn detach(&self, name: &str) -> Result<(), dm::DmError> {
+        let _one_at_a_time = self.changing.lock().unwrap_or_else(|p| p.into_inner());
         let a = self
             .attached
             .lock()
@@ -336,26 +341,9 @@ fn stop_worker(dm: &crate::dm::service::Dm, mut a: Attached) {
     }
 }
 
-/// Give a session up: its outstanding events are answered "don't care", its dispositions
-/// cleared, and it is destroyed.
+/// Give a session up: its dispositions cleared (no new events), its outstanding events
+/// answered "don't care", and it is destroyed.
 fn release_session(dm: &crate::dm::service::Dm, client: u64, sid: SessionId) {
-    if let Ok(DmReply::Tokens { tokens }) = ok(reply(dm.call(
-        client,
-        DmRequest::Tokens { sid, nelem: None },
-        vec![],
-    ))) {
-        for token in tokens {
-            let _ = dm.call(
-                client,
-                DmRequest::Respond {
-                    sid,
-                    token,
-                    response: dm::Response::Dontcare,
-                },
-                vec![],
-            );
-        }
-    }
     if let Ok(DmReply::Dispositions { disp }) = ok(reply(dm.call(
         client,
         DmRequest::GetallDisp { sid, buflen: None },
@@ -373,6 +361,23 @@ fn release_session(dm: &crate::dm::service::Dm, client: u64, sid: SessionId) {
                     sid,
                     fs_handle,
                     events: EventSet::empty(),
+                },
+                vec![],
+            );
+        }
+    }
+    if let Ok(DmReply::Tokens { tokens }) = ok(reply(dm.call(
+        client,
+        DmRequest::Tokens { sid, nelem: None },
+        vec![],
+    ))) {
+        for token in tokens {
+            let _ = dm.call(
+                client,
+                DmRequest::Respond {
+                    sid,
+                    token,
+                    response: dm::Response::Dontcare,
                 },
                 vec![],
             );
