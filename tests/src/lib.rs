@@ -310,3 +310,67 @@ pub fn is_root() -> bool {
         .map(|m| m.uid() == 0)
         .unwrap_or(false)
 }
+
+/// Helpers of the DMAPI tests on real mounts.
+pub mod dm {
+    use strata_client::dm::{DmError, EventData, Message};
+    use strata_client::session::DmSession;
+
+    /// FUSE mount tests need root: say so loudly instead of passing.
+    pub fn need_root() {
+        assert!(
+            super::is_root(),
+            "PREREQUISITE MISSING: FUSE mount tests need root (run the tests as root)"
+        );
+    }
+
+    /// Wait for the next message (DM_EV_WAIT; a hang is ended by the daemon's watchdog).
+    pub fn next(s: &mut DmSession) -> Message {
+        let m = s.get_events(1, true).expect("get_events");
+        assert_eq!(m.len(), 1, "{m:?}");
+        eprintln!("event: {:?}", m[0]);
+        m.into_iter().next().expect("one message")
+    }
+
+    /// No message is queued.
+    pub fn none(s: &mut DmSession) {
+        match s.get_events(16, false) {
+            Err(DmError::Eagain) => {}
+            other => panic!("expected no events, got {other:?}"),
+        }
+    }
+
+    /// The fields of a namespace event: (mode, handle1, handle2, name1, name2, retcode).
+    pub fn ns(m: &Message) -> (u32, Vec<u8>, Vec<u8>, String, String, i32) {
+        match &m.data {
+            EventData::Namespace {
+                mode,
+                handle1,
+                handle2,
+                name1,
+                name2,
+                retcode,
+            } => (
+                *mode,
+                handle1.clone(),
+                handle2.clone(),
+                name1.clone(),
+                name2.clone(),
+                *retcode,
+            ),
+            other => panic!("not a namespace event: {other:?}"),
+        }
+    }
+
+    /// The fields of a data event: (handle, offset, length).
+    pub fn data(m: &Message) -> (Vec<u8>, u64, u64) {
+        match &m.data {
+            EventData::Data {
+                handle,
+                offset,
+                length,
+            } => (handle.clone(), *offset, *length),
+            other => panic!("not a data event: {other:?}"),
+        }
+    }
+}

@@ -9,28 +9,8 @@ use std::time::{Duration, Instant};
 use strata_client::dm::*;
 use strata_client::session::DmSession;
 use strata_client::Client;
-use strata_tests::{is_root, Daemon};
-
-fn need_root() {
-    assert!(
-        is_root(),
-        "PREREQUISITE MISSING: FUSE mount tests need root (run the tests as root)"
-    );
-}
-
-fn next(s: &mut DmSession) -> Message {
-    let m = s.get_events(1, true).expect("get_events");
-    assert_eq!(m.len(), 1, "{m:?}");
-    eprintln!("event: {:?}", m[0]);
-    m.into_iter().next().unwrap()
-}
-
-fn none(s: &mut DmSession) {
-    match s.get_events(16, false) {
-        Err(DmError::Eagain) => {}
-        other => panic!("expected no events, got {other:?}"),
-    }
-}
+use strata_tests::dm::{need_root, next, none};
+use strata_tests::Daemon;
 
 /// Wait until `p` is reachable through a (re)mounted filesystem.
 fn wait_for(p: &Path) {
@@ -77,41 +57,15 @@ fn dm_state_persists_across_remount_restart_and_kill() {
         assert_eq!(h2, h, "the handle is stable");
         assert_eq!(s.get_dmattr(0, &h, NAME).unwrap(), b"tape-7");
         assert_eq!(s.get_region(0, &h).unwrap(), regions);
+        assert_eq!(
+            s.get_eventlist(&h).unwrap(),
+            EventSet::of(&[EventType::Close])
+        );
+        assert_eq!(
+            s.get_eventlist(&fs).unwrap(),
+            EventSet::of(&[EventType::Create])
+        );
         let sid = s.sid();
-        let got = s
-            .call(
-                &DmRequest::GetEventlist {
-                    sid,
-                    token: 0,
-                    handle: h.clone(),
-                },
-                &[],
-            )
-            .unwrap()
-            .0;
-        assert_eq!(
-            got,
-            DmReply::EventList {
-                events: EventSet::of(&[EventType::Close])
-            }
-        );
-        let got = s
-            .call(
-                &DmRequest::GetEventlist {
-                    sid,
-                    token: 0,
-                    handle: fs.clone(),
-                },
-                &[],
-            )
-            .unwrap()
-            .0;
-        assert_eq!(
-            got,
-            DmReply::EventList {
-                events: EventSet::of(&[EventType::Create])
-            }
-        );
         let got = s
             .call(&DmRequest::GetallDisp { sid, buflen: None }, &[])
             .unwrap()

@@ -10,62 +10,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 use strata_client::dm::*;
 use strata_client::session::DmSession;
-use strata_tests::{is_root, Daemon};
-
-fn need_root() {
-    assert!(
-        is_root(),
-        "PREREQUISITE MISSING: FUSE mount tests need root (run the tests as root)"
-    );
-}
-
-/// Wait for the next message (DM_EV_WAIT, bounded by a watchdog thread of the caller).
-fn next(s: &mut DmSession) -> Message {
-    let m = s.get_events(1, true).expect("get_events");
-    assert_eq!(m.len(), 1, "{m:?}");
-    eprintln!("event: {:?}", m[0]);
-    m.into_iter().next().unwrap()
-}
-
-/// No message is queued.
-fn none(s: &mut DmSession) {
-    match s.get_events(16, false) {
-        Err(DmError::Eagain) => {}
-        other => panic!("expected no events, got {other:?}"),
-    }
-}
-
-fn ns(m: &Message) -> (u32, Vec<u8>, Vec<u8>, String, String, i32) {
-    match &m.data {
-        EventData::Namespace {
-            mode,
-            handle1,
-            handle2,
-            name1,
-            name2,
-            retcode,
-        } => (
-            *mode,
-            handle1.clone(),
-            handle2.clone(),
-            name1.clone(),
-            name2.clone(),
-            *retcode,
-        ),
-        other => panic!("not a namespace event: {other:?}"),
-    }
-}
-
-fn data(m: &Message) -> (Vec<u8>, u64, u64) {
-    match &m.data {
-        EventData::Data {
-            handle,
-            offset,
-            length,
-        } => (handle.clone(), *offset, *length),
-        other => panic!("not a data event: {other:?}"),
-    }
-}
+use strata_tests::dm::{data, need_root, next, none, ns};
+use strata_tests::Daemon;
 
 /// Run `f` on a thread; it must still be blocked after a while (a synchronous event holds
 /// it).

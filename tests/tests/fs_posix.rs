@@ -9,7 +9,8 @@ use std::io::Read;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use strata_tests::{is_root, Daemon};
+use strata_tests::dm::need_root;
+use strata_tests::Daemon;
 
 /// xorshift64*: the same sequence for both trees, and a seed printed on failure.
 struct Rng(u64);
@@ -325,10 +326,7 @@ fn snapshot(root: &Path) -> BTreeMap<PathBuf, String> {
 
 #[test]
 fn randomized_operations_match_a_plain_directory() {
-    assert!(
-        is_root(),
-        "PREREQUISITE MISSING: FUSE mount tests need root (run the tests as root)"
-    );
+    need_root();
     let d = Daemon::start();
     let m = d.mount("posix", &[], |_| {});
     let plain = d.dir.join("plain");
@@ -387,10 +385,7 @@ fn randomized_operations_match_a_plain_directory() {
 
 #[test]
 fn permissions_as_another_user() {
-    assert!(
-        is_root(),
-        "PREREQUISITE MISSING: FUSE mount tests need root (run the tests as root)"
-    );
+    need_root();
     let d = Daemon::start();
     let m = d.mount("perm", &[], |b| {
         std::fs::write(b.join("secret"), b"s").unwrap();
@@ -464,10 +459,7 @@ fn permissions_as_another_user() {
 fn open_flags_appends_and_directory_listings() {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    assert!(
-        is_root(),
-        "PREREQUISITE MISSING: FUSE mount tests need root (run the tests as root)"
-    );
+    need_root();
     let d = Daemon::start();
     let m = d.mount("flags", &[], |b| {
         std::fs::write(b.join("plain"), b"plain").unwrap();

@@ -282,13 +282,7 @@ pub fn run(socket: &Path, c: &DmCmd) -> anyhow::Result<()> {
                     continue;
                 }
                 let info = s.query(sid).map_err(dm)?;
-                let tokens = match s.call(
-                    &strata_client::dm::DmRequest::Tokens { sid, nelem: None },
-                    &[],
-                ) {
-                    Ok((strata_client::dm::DmReply::Tokens { tokens }, _)) => tokens.len(),
-                    _ => 0,
-                };
+                let tokens = s.tokens_of(sid).map(|t| t.len()).unwrap_or(0);
                 println!("{sid:>6}  {tokens:>6}  {}", String::from_utf8_lossy(&info));
             }
             s.destroy().map_err(dm)?;
@@ -310,22 +304,7 @@ pub fn run(socket: &Path, c: &DmCmd) -> anyhow::Result<()> {
                     .partition(|t| *t == EventType::Mount);
                 s.set_disp(&fs, EventSet::of(&rest)).map_err(dm)?;
                 // the filesystem's event list is shared by its sessions: add to it
-                let sid = s.sid();
-                let mut list = match s
-                    .call(
-                        &strata_client::dm::DmRequest::GetEventlist {
-                            sid,
-                            token: 0,
-                            handle: fs.clone(),
-                        },
-                        &[],
-                    )
-                    .map_err(dm)?
-                    .0
-                {
-                    strata_client::dm::DmReply::EventList { events } => events,
-                    _ => EventSet::empty(),
-                };
+                let mut list = s.get_eventlist(&fs).map_err(dm)?;
                 for t in &rest {
                     list.set(*t);
                 }
@@ -385,40 +364,14 @@ pub fn run(socket: &Path, c: &DmCmd) -> anyhow::Result<()> {
                     let v = value.as_deref().unwrap_or("");
                     s.set_dmattr(0, &h, &name()?, v.as_bytes()).map_err(dm)?;
                 }
-                "rm" => {
-                    let sid = s.sid();
-                    s.call(
-                        &strata_client::dm::DmRequest::RemoveDmattr {
-                            sid,
-                            token: 0,
-                            handle: h,
-                            name: name()?,
-                        },
-                        &[],
-                    )
-                    .map_err(dm)?;
-                }
+                "rm" => s.remove_dmattr(0, &h, &name()?).map_err(dm)?,
                 "list" => {
-                    let sid = s.sid();
-                    if let (strata_client::dm::DmReply::Attrs { attrs }, _) = s
-                        .call(
-                            &strata_client::dm::DmRequest::GetallDmattr {
-                                sid,
-                                token: 0,
-                                handle: h,
-                                buflen: None,
-                            },
-                            &[],
-                        )
-                        .map_err(dm)?
-                    {
-                        for a in attrs {
-                            println!(
-                                "{}\t{}",
-                                String::from_utf8_lossy(&a.name).trim_end_matches('\0'),
-                                String::from_utf8_lossy(&a.value)
-                            );
-                        }
+                    for a in s.getall_dmattr(0, &h).map_err(dm)? {
+                        println!(
+                            "{}\t{}",
+                            String::from_utf8_lossy(&a.name).trim_end_matches('\0'),
+                            String::from_utf8_lossy(&a.value)
+                        );
                     }
                 }
                 other => anyhow::bail!("attr actions are get, set, rm, list; not '{other}'"),

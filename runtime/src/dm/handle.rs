@@ -89,6 +89,16 @@ impl Handle {
         })
     }
 
+    /// The handle of a managed filesystem.
+    pub fn of_fs(fs: FsId) -> Handle {
+        Handle {
+            fs,
+            kind: HandleKind::Fs,
+            ktype: 0,
+            kbytes: vec![],
+        }
+    }
+
     /// The handle of the object at `path` (which must be on the filesystem `fs` is backed
     /// by): ENOENT-like failures are EBADF.
     pub fn of_path(fs: FsId, path: &Path) -> Result<Handle, DmError> {

@@ -604,6 +604,14 @@ impl Dm {
         self.lock().core.disposed_to(fs, kind).is_some()
     }
 
+    /// When an event of `kind` on `fs` goes to some session: the filesystem's event list
+    /// (one lock for both questions of "is it generated").
+    pub fn disposed_events(&self, fs: FsId, kind: EventType) -> Option<EventSet> {
+        let g = self.lock();
+        g.core.disposed_to(fs, kind)?;
+        Some(g.filesystems.get(&fs).map(|r| r.events).unwrap_or_default())
+    }
+
     /// Whether some synchronous event on `fs` goes to a session (operations there may
     /// wait, so the filesystem layer runs them off its dispatch thread).
     pub fn may_block(&self, fs: FsId) -> bool {

@@ -413,9 +413,7 @@ impl Mounts {
                 regions,
             } => {
                 let o = self.checked(sid, token, &handle, Right::Excl)?;
-                if o.st.st_mode & libc::S_IFMT != libc::S_IFREG {
-                    return Err(DmError::Einval);
-                }
+                o.regular()?;
                 let r: Vec<XRegion> = regions
                     .iter()
                     .map(|r| XRegion {
@@ -525,7 +523,8 @@ impl Mounts {
             } => {
                 let (offset, length) = range(offset, length)?;
                 let o = self.checked(sid, token, &handle, Right::Shared)?;
-                let (offset, length) = probe(&o.st, offset, length)?;
+                o.regular()?;
+                let (offset, length) = probe(&o.st, offset, length);
                 done(DmReply::Range { offset, length })
             }
             DmRequest::PunchHole {
@@ -540,9 +539,7 @@ impl Mounts {
                 if o.live.shared.read_only {
                     return Err(DmError::Erofs);
                 }
-                if o.st.st_mode & libc::S_IFMT != libc::S_IFREG {
-                    return Err(DmError::Einval);
-                }
+                o.regular()?;
                 // mapped, or open by passthrough (whose reads would see zeros, no event)
                 if o.live
                     .shared
@@ -816,10 +813,7 @@ fn allocinfo(f: &File, offset: u64, nelem: u32) -> Result<(Vec<Extent>, bool), D
 
 /// dm_probe_hole: the range punch_hole would free: whole blocks inside the range asked
 /// (length 0: through EOF, the last partial block included).
-fn probe(st: &rfs::Stat, offset: u64, length: u64) -> Result<(u64, u64), DmError> {
-    if st.st_mode & libc::S_IFMT != libc::S_IFREG {
-        return Err(DmError::Einval);
-    }
+fn probe(st: &rfs::Stat, offset: u64, length: u64) -> (u64, u64) {
     let bs = (st.st_blksize as u64).max(512);
     let size = st.st_size as u64;
     let start = offset.div_ceil(bs) * bs;
@@ -828,7 +822,7 @@ fn probe(st: &rfs::Stat, offset: u64, length: u64) -> Result<(u64, u64), DmError
     } else {
         ((offset + length) / bs) * bs
     };
-    Ok((start, end.saturating_sub(start)))
+    (start, end.saturating_sub(start))
 }
 
 #[cfg(test)]

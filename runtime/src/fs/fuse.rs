@@ -15,7 +15,7 @@
 //! thread of its own, so that other requests, including the DM application's own, go on.
 
 use crate::dm::attrs::{self, flags, Region};
-use crate::dm::handle::{Handle, HandleKind};
+use crate::dm::handle::Handle;
 use crate::dm::service::Dm;
 use crate::dm::{EventData, EventType, FsId};
 use fuser::{
@@ -430,22 +430,16 @@ impl Shared {
 
     /// The filesystem's handle.
     pub fn fs_handle(&self) -> Vec<u8> {
-        Handle {
-            fs: self.fs,
-            kind: HandleKind::Fs,
-            ktype: 0,
-            kbytes: vec![],
-        }
-        .encode()
+        Handle::of_fs(self.fs).encode()
     }
 
     /// Whether an event of `kind` about `obj` is generated and goes to a session: it is
     /// disposed on the filesystem and in the filesystem's or the object's event list.
     pub(crate) fn generated(&self, kind: EventType, obj: &Node) -> bool {
-        if !self.dm.disposed(self.fs, kind) {
+        let Some(fs_events) = self.dm.disposed_events(self.fs, kind) else {
             return false;
-        }
-        self.dm.fs_events(self.fs).contains(kind)
+        };
+        fs_events.contains(kind)
             || attrs::get_eventlist(&obj.proc_path()).is_ok_and(|s| s.contains(kind))
     }
 

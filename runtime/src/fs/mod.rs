@@ -9,7 +9,7 @@ pub mod calls;
 pub mod fuse;
 pub mod route;
 
-use crate::dm::handle::{Handle, HandleKind};
+use crate::dm::handle::Handle;
 use crate::dm::service::{Dm, FsRecord, GLOBAL_FS};
 use crate::dm::{EventData, EventType, FsId, Message, INVALID_TOKEN};
 use fuse::{ManagedFs, Shared};
@@ -514,12 +514,6 @@ impl Mounts {
 
     /// The filesystem handle of a filesystem id.
     pub fn fs_handle(fs: FsId) -> Vec<u8> {
-        Handle {
-            fs,
-            kind: HandleKind::Fs,
-            ktype: 0,
-            kbytes: vec![],
-        }
-        .encode()
+        Handle::of_fs(fs).encode()
     }
 }

@@ -9,6 +9,7 @@
 //! attachment is recorded in redb `dm_attachments` and comes back) loses none.
 
 use super::Mounts;
+use crate::dm::attrs::flags as region_flags;
 use crate::dm::handle::Handle;
 use crate::dm::service::DmStep;
 use crate::dm::{self as dm, DmReply, DmRequest, EventSet, EventType, SessionId, Token};
@@ -575,32 +576,24 @@ fn err_to_wit(e: dm::DmError) -> wit::DmError {
     }
 }
 
+const FLAG_PAIRS: [(u8, wit::RegionFlags); 3] = [
+    (region_flags::READ, wit::RegionFlags::READ),
+    (region_flags::WRITE, wit::RegionFlags::WRITE),
+    (region_flags::TRUNCATE, wit::RegionFlags::TRUNCATE),
+];
+
 fn flags_to_wit(f: u8) -> wit::RegionFlags {
-    let mut out = wit::RegionFlags::empty();
-    if f & 1 != 0 {
-        out |= wit::RegionFlags::READ;
-    }
-    if f & 2 != 0 {
-        out |= wit::RegionFlags::WRITE;
-    }
-    if f & 4 != 0 {
-        out |= wit::RegionFlags::TRUNCATE;
-    }
-    out
+    FLAG_PAIRS
+        .iter()
+        .filter(|(b, _)| f & b != 0)
+        .fold(wit::RegionFlags::empty(), |acc, (_, w)| acc | *w)
 }
 
 fn flags_from_wit(f: wit::RegionFlags) -> u8 {
-    let mut out = 0;
-    if f.contains(wit::RegionFlags::READ) {
-        out |= 1;
-    }
-    if f.contains(wit::RegionFlags::WRITE) {
-        out |= 2;
-    }
-    if f.contains(wit::RegionFlags::TRUNCATE) {
-        out |= 4;
-    }
-    out
+    FLAG_PAIRS
+        .iter()
+        .filter(|(_, w)| f.contains(*w))
+        .fold(0, |acc, (b, _)| acc | b)
 }
 
 /// The `dm-host` imports of an attached policy: DM calls of its session under the event's

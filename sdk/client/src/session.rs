@@ -129,9 +129,14 @@ impl DmSession {
         }
     }
 
-    /// dm_getall_tokens.
+    /// dm_getall_tokens of this session.
     pub fn tokens(&mut self) -> Result<Vec<Token>, DmError> {
         let sid = self.sid;
+        self.tokens_of(sid)
+    }
+
+    /// dm_getall_tokens of any session.
+    pub fn tokens_of(&mut self, sid: SessionId) -> Result<Vec<Token>, DmError> {
         match self.call(&DmRequest::Tokens { sid, nelem: None }, &[])?.0 {
             DmReply::Tokens { tokens } => Ok(tokens),
             r => Err(unexpected(r)),
@@ -237,6 +242,20 @@ impl DmSession {
             handle: handle.to_vec(),
             events,
         })
+    }
+
+    /// dm_get_eventlist of an object or a filesystem.
+    pub fn get_eventlist(&mut self, handle: &[u8]) -> Result<EventSet, DmError> {
+        let sid = self.sid;
+        let req = DmRequest::GetEventlist {
+            sid,
+            token: INVALID_TOKEN,
+            handle: handle.to_vec(),
+        };
+        match self.call(&req, &[])?.0 {
+            DmReply::EventList { events } => Ok(events),
+            r => Err(unexpected(r)),
+        }
     }
 
     /// dm_set_return_on_destroy.
@@ -349,6 +368,37 @@ impl DmSession {
         };
         match self.call(&req, value)?.0 {
             DmReply::Ok => Ok(()),
+            r => Err(unexpected(r)),
+        }
+    }
+
+    /// dm_remove_dmattr.
+    pub fn remove_dmattr(
+        &mut self,
+        token: Token,
+        handle: &[u8],
+        name: &[u8],
+    ) -> Result<(), DmError> {
+        let sid = self.sid;
+        self.ok(DmRequest::RemoveDmattr {
+            sid,
+            token,
+            handle: handle.to_vec(),
+            name: name.to_vec(),
+        })
+    }
+
+    /// dm_getall_dmattr.
+    pub fn getall_dmattr(&mut self, token: Token, handle: &[u8]) -> Result<Vec<DmAttr>, DmError> {
+        let sid = self.sid;
+        let req = DmRequest::GetallDmattr {
+            sid,
+            token,
+            handle: handle.to_vec(),
+            buflen: None,
+        };
+        match self.call(&req, &[])?.0 {
+            DmReply::Attrs { attrs } => Ok(attrs),
             r => Err(unexpected(r)),
         }
     }
