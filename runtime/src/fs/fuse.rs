@@ -984,34 +984,38 @@ impl Shared {
         attrs::raises(&r.1, offset, len, flag)
     }
 
-    fn read(
-        &self,
-        who: Who,
-        open: &Open,
-        offset: u64,
-        size: u32,
-        event: bool,
-    ) -> Result<Vec<u8>, i32> {
+    /// Read for the kernel into this thread's buffer (reused: no allocation and zeroing
+    /// per request) and answer with it.
+    fn read(&self, who: Who, open: &Open, offset: u64, size: u32, event: bool, reply: ReplyData) {
         if event {
             let data = EventData::Data {
                 handle: self.handle_of(&open.node),
                 offset,
                 length: size as u64,
             };
-            self.raise_wait(who, EventType::Read, data)?;
-        }
-        let mut buf = vec![0u8; size as usize];
-        let mut n = 0;
-        while n < buf.len() {
-            match open.file.read_at(&mut buf[n..], offset + n as u64) {
-                Ok(0) => break,
-                Ok(k) => n += k,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(io_errno(e)),
+            if let Err(e) = self.raise_wait(who, EventType::Read, data) {
+                return reply.error(e);
             }
         }
-        buf.truncate(n);
-        Ok(buf)
+        thread_local! {
+            static BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
+        BUF.with_borrow_mut(|buf| {
+            let size = size as usize;
+            if buf.len() < size {
+                buf.resize(size, 0);
+            }
+            let mut n = 0;
+            while n < size {
+                match open.file.read_at(&mut buf[n..size], offset + n as u64) {
+                    Ok(0) => break,
+                    Ok(k) => n += k,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => return reply.error(io_errno(e)),
+                }
+            }
+            reply.data(&buf[..n]);
+        });
     }
 
     fn write(
@@ -1534,10 +1538,7 @@ impl Filesystem for ManagedFs {
             .s
             .raises(&open, offset, size as u64, flags::READ, EventType::Read);
         self.run(event, move |s| {
-            match s.read(who, &open, offset, size, event) {
-                Ok(d) => reply.data(&d),
-                Err(e) => reply.error(e),
-            }
+            s.read(who, &open, offset, size, event, reply)
         });
     }
 

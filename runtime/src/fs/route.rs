@@ -97,6 +97,15 @@ fn reply(step: DmStep) -> DmReply {
     }
 }
 
+/// An in-daemon DM call without payload: its reply, or its error.
+fn dm_call(
+    dm: &crate::dm::service::Dm,
+    client: u64,
+    req: DmRequest,
+) -> Result<DmReply, dm::DmError> {
+    ok(reply(dm.call(client, req, vec![])))
+}
+
 fn ok(r: DmReply) -> Result<DmReply, dm::DmError> {
     match r {
         DmReply::Error { error } => Err(error),
@@ -175,26 +184,26 @@ impl Router {
         let client = NEXT_CLIENT.fetch_add(1, Ordering::Relaxed);
         let info = format!("plugin:{name}").into_bytes();
         let assumed = sid.and_then(|old| {
-            ok(reply(dm.call(
+            dm_call(
+                &dm,
                 client,
                 DmRequest::CreateSession {
                     old,
                     info: info.clone(),
                 },
-                vec![],
-            )))
+            )
             .ok()
         });
         let sid = match assumed {
             Some(DmReply::Session { sid }) => sid,
-            _ => match ok(reply(dm.call(
+            _ => match dm_call(
+                &dm,
                 client,
                 DmRequest::CreateSession {
                     old: dm::NO_SESSION,
                     info,
                 },
-                vec![],
-            )))? {
+            )? {
                 DmReply::Session { sid } => sid,
                 _ => return Err(dm::DmError::Estale),
             },
@@ -206,25 +215,25 @@ impl Router {
                 .into_iter()
                 .partition(|t| *t == EventType::Mount);
             let rest = EventSet::of(&rest);
-            ok(reply(dm.call(
+            dm_call(
+                &dm,
                 client,
                 DmRequest::SetDisp {
                     sid,
                     fs_handle,
                     events: rest,
                 },
-                vec![],
-            )))?;
+            )?;
             if !mount.is_empty() {
-                ok(reply(dm.call(
+                dm_call(
+                    &dm,
                     client,
                     DmRequest::SetDisp {
                         sid,
                         fs_handle: vec![],
                         events: EventSet::of(&mount),
                     },
-                    vec![],
-                )))?;
+                )?;
             }
             let mut fs_events = dm.fs_events(fs);
             for t in rest.types() {
@@ -345,11 +354,9 @@ fn stop_worker(dm: &crate::dm::service::Dm, mut a: Attached) {
 /// Give a session up: its dispositions cleared (no new events), its outstanding events
 /// answered "don't care", and it is destroyed.
 fn release_session(dm: &crate::dm::service::Dm, client: u64, sid: SessionId) {
-    if let Ok(DmReply::Dispositions { disp }) = ok(reply(dm.call(
-        client,
-        DmRequest::GetallDisp { sid, buflen: None },
-        vec![],
-    ))) {
+    if let Ok(DmReply::Dispositions { disp }) =
+        dm_call(dm, client, DmRequest::GetallDisp { sid, buflen: None })
+    {
         for (fs, _) in disp {
             let fs_handle = if fs == crate::dm::service::GLOBAL_FS {
                 vec![]
@@ -367,11 +374,9 @@ fn release_session(dm: &crate::dm::service::Dm, client: u64, sid: SessionId) {
             );
         }
     }
-    if let Ok(DmReply::Tokens { tokens }) = ok(reply(dm.call(
-        client,
-        DmRequest::Tokens { sid, nelem: None },
-        vec![],
-    ))) {
+    if let Ok(DmReply::Tokens { tokens }) =
+        dm_call(dm, client, DmRequest::Tokens { sid, nelem: None })
+    {
         for token in tokens {
             let _ = dm.call(
                 client,
@@ -625,7 +630,8 @@ impl Backend {
     ) -> Result<(DmReply, Vec<u8>), wit::DmError> {
         if token != dm::INVALID_TOKEN {
             let object = Handle::decode(handle).map_err(err_to_wit)?.encode();
-            let r = reply(self.mounts.dm().call(
+            dm_call(
+                self.mounts.dm(),
                 self.client,
                 DmRequest::RequestRight {
                     sid: self.sid,
@@ -634,9 +640,8 @@ impl Backend {
                     right: need,
                     wait: false,
                 },
-                vec![],
-            ));
-            ok(r).map_err(err_to_wit)?;
+            )
+            .map_err(err_to_wit)?;
         }
         match self.mounts.call(req, payload) {
             (DmReply::Error { error }, _) => Err(err_to_wit(error)),
