@@ -1195,6 +1195,22 @@ impl ManagedFs {
     }
 }
 
+/// Answer an entry request.
+fn entry(reply: ReplyEntry, r: Result<FileAttr, i32>) {
+    match r {
+        Ok(a) => reply.entry(&TTL, &a, 0),
+        Err(e) => reply.error(e),
+    }
+}
+
+/// Answer a request that returns nothing.
+fn empty(reply: ReplyEmpty, r: Result<(), i32>) {
+    match r {
+        Ok(()) => reply.ok(),
+        Err(e) => reply.error(e),
+    }
+}
+
 /// A new file handle for `file`.
 fn fh_file(s: &Shared, file: File) -> (u64, File) {
     (s.next_fh.fetch_add(1, Ordering::Relaxed), file)
@@ -1335,10 +1351,7 @@ impl Filesystem for ManagedFs {
         let p = node_or_reply!(self.s, parent, reply);
         let (who, name) = (Who::of(req), name.to_os_string());
         self.run(self.s.may_block(), move |s| {
-            match s.make(who, &p, &name, mode, Make::Node(rdev as u64)) {
-                Ok(a) => reply.entry(&TTL, &a, 0),
-                Err(e) => reply.error(e),
-            }
+            entry(reply, s.make(who, &p, &name, mode, Make::Node(rdev as u64)))
         });
     }
 
@@ -1354,10 +1367,10 @@ impl Filesystem for ManagedFs {
         let p = node_or_reply!(self.s, parent, reply);
         let (who, name) = (Who::of(req), name.to_os_string());
         self.run(self.s.may_block(), move |s| {
-            match s.make(who, &p, &name, mode | libc::S_IFDIR, Make::Dir) {
-                Ok(a) => reply.entry(&TTL, &a, 0),
-                Err(e) => reply.error(e),
-            }
+            entry(
+                reply,
+                s.make(who, &p, &name, mode | libc::S_IFDIR, Make::Dir),
+            )
         });
     }
 
@@ -1365,10 +1378,7 @@ impl Filesystem for ManagedFs {
         let p = node_or_reply!(self.s, parent, reply);
         let (who, name) = (Who::of(req), name.to_os_string());
         self.run(self.s.may_block(), move |s| {
-            match s.remove(who, &p, &name, false) {
-                Ok(()) => reply.ok(),
-                Err(e) => reply.error(e),
-            }
+            empty(reply, s.remove(who, &p, &name, false))
         });
     }
 
@@ -1376,10 +1386,7 @@ impl Filesystem for ManagedFs {
         let p = node_or_reply!(self.s, parent, reply);
         let (who, name) = (Who::of(req), name.to_os_string());
         self.run(self.s.may_block(), move |s| {
-            match s.remove(who, &p, &name, true) {
-                Ok(()) => reply.ok(),
-                Err(e) => reply.error(e),
-            }
+            empty(reply, s.remove(who, &p, &name, true))
         });
     }
 
@@ -1394,16 +1401,16 @@ impl Filesystem for ManagedFs {
         let p = node_or_reply!(self.s, parent, reply);
         let (who, name, target) = (Who::of(req), link_name.to_os_string(), target.to_path_buf());
         self.run(self.s.may_block(), move |s| {
-            match s.make(
-                who,
-                &p,
-                &name,
-                libc::S_IFLNK | 0o777,
-                Make::Symlink(&target),
-            ) {
-                Ok(a) => reply.entry(&TTL, &a, 0),
-                Err(e) => reply.error(e),
-            }
+            entry(
+                reply,
+                s.make(
+                    who,
+                    &p,
+                    &name,
+                    libc::S_IFLNK | 0o777,
+                    Make::Symlink(&target),
+                ),
+            )
         });
     }
 
@@ -1421,10 +1428,7 @@ impl Filesystem for ManagedFs {
         let np = node_or_reply!(self.s, newparent, reply);
         let (who, name, newname) = (Who::of(req), name.to_os_string(), newname.to_os_string());
         self.run(self.s.may_block(), move |s| {
-            match s.rename(who, &p, &name, &np, &newname, flags) {
-                Ok(()) => reply.ok(),
-                Err(e) => reply.error(e),
-            }
+            empty(reply, s.rename(who, &p, &name, &np, &newname, flags))
         });
     }
 
@@ -1440,10 +1444,7 @@ impl Filesystem for ManagedFs {
         let np = node_or_reply!(self.s, newparent, reply);
         let (who, newname) = (Who::of(req), newname.to_os_string());
         self.run(self.s.may_block(), move |s| {
-            match s.link(who, &n, &np, &newname) {
-                Ok(a) => reply.entry(&TTL, &a, 0),
-                Err(e) => reply.error(e),
-            }
+            entry(reply, s.link(who, &n, &np, &newname))
         });
     }
 
@@ -1628,10 +1629,7 @@ impl Filesystem for ManagedFs {
             } else {
                 rfs::fsync(&open.file)
             };
-            match r {
-                Ok(()) => reply.ok(),
-                Err(e) => reply.error(errno(e)),
-            }
+            empty(reply, r.map_err(errno));
         });
     }
 
@@ -1693,10 +1691,7 @@ impl Filesystem for ManagedFs {
         let Some(d) = lock(&self.s.dirs).get(&fh).cloned() else {
             return reply.error(libc::EBADF);
         };
-        match rfs::fsync(&d.dir) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno(e)),
-        }
+        empty(reply, rfs::fsync(&d.dir).map_err(errno));
     }
 
     fn statfs(&mut self, _req: &Request<'_>, _ino: u64, reply: ReplyStatfs) {
@@ -1729,15 +1724,16 @@ impl Filesystem for ManagedFs {
             return reply.error(libc::EPERM);
         }
         let n = node_or_reply!(self.s, ino, reply);
-        match rfs::setxattr(
-            n.proc_path(),
-            name,
-            value,
-            rfs::XattrFlags::from_bits_retain(flags as u32),
-        ) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno(e)),
-        }
+        empty(
+            reply,
+            rfs::setxattr(
+                n.proc_path(),
+                name,
+                value,
+                rfs::XattrFlags::from_bits_retain(flags as u32),
+            )
+            .map_err(errno),
+        )
     }
 
     fn getxattr(
@@ -1771,10 +1767,7 @@ impl Filesystem for ManagedFs {
             return reply.error(libc::ENODATA);
         }
         let n = node_or_reply!(self.s, ino, reply);
-        match rfs::removexattr(n.proc_path(), name) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno(e)),
-        }
+        empty(reply, rfs::removexattr(n.proc_path(), name).map_err(errno));
     }
 
     fn access(&mut self, _req: &Request<'_>, _ino: u64, _mask: i32, reply: ReplyEmpty) {
@@ -1824,10 +1817,7 @@ impl Filesystem for ManagedFs {
                     .map_err(errno)
                 })
             })();
-            match r {
-                Ok(()) => reply.ok(),
-                Err(e) => reply.error(e),
-            }
+            empty(reply, r);
         });
     }
 
