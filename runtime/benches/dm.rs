@@ -36,34 +36,26 @@ fn component(name: &str) -> Vec<u8> {
 
 const MIB: usize = 1 << 20;
 
-/// Best of `rounds` of writing `total` bytes sequentially in 1 MiB writes: GiB/s.
-fn write_rate(path: &Path, total: usize, rounds: usize) -> f64 {
+/// Writing `total` bytes sequentially in 1 MiB writes: GiB/s.
+fn write_rate(path: &Path, total: usize) -> f64 {
     let buf = vec![0x5au8; MIB];
-    let mut best = f64::MAX;
-    for _ in 0..rounds {
-        let f = OpenOptions::new().write(true).open(path).unwrap();
-        let t0 = Instant::now();
-        for i in 0..total / MIB {
-            f.write_all_at(&buf, (i * MIB) as u64).unwrap();
-        }
-        best = best.min(t0.elapsed().as_secs_f64());
+    let f = OpenOptions::new().write(true).open(path).unwrap();
+    let t0 = Instant::now();
+    for i in 0..total / MIB {
+        f.write_all_at(&buf, (i * MIB) as u64).unwrap();
     }
-    total as f64 / best / (1u64 << 30) as f64
+    total as f64 / t0.elapsed().as_secs_f64() / (1u64 << 30) as f64
 }
 
-/// Best of `rounds` of reading `total` bytes sequentially in 1 MiB reads: GiB/s.
-fn read_rate(path: &Path, total: usize, rounds: usize) -> f64 {
+/// Reading `total` bytes sequentially in 1 MiB reads: GiB/s.
+fn read_rate(path: &Path, total: usize) -> f64 {
     let mut buf = vec![0u8; MIB];
-    let mut best = f64::MAX;
-    for _ in 0..rounds {
-        let f = File::open(path).unwrap();
-        let t0 = Instant::now();
-        for i in 0..total / MIB {
-            f.read_exact_at(&mut buf, (i * MIB) as u64).unwrap();
-        }
-        best = best.min(t0.elapsed().as_secs_f64());
+    let f = File::open(path).unwrap();
+    let t0 = Instant::now();
+    for i in 0..total / MIB {
+        f.read_exact_at(&mut buf, (i * MIB) as u64).unwrap();
     }
-    total as f64 / best / (1u64 << 30) as f64
+    total as f64 / t0.elapsed().as_secs_f64() / (1u64 << 30) as f64
 }
 
 /// Mean latency of a 4 KiB read at offset 0 (median of `rounds` batches of `n`).
@@ -484,14 +476,14 @@ fn main() {
     ] {
         let (b, m) = (backing.join(name), mnt.join(name));
         // warm both paths once, then alternate so that drift hits both alike
-        write_rate(&b, total, 1);
-        write_rate(&m, total, 1);
+        write_rate(&b, total);
+        write_rate(&m, total);
         let (mut wb, mut wm, mut rb, mut rm) = (0f64, 0f64, 0f64, 0f64);
         for _ in 0..rounds {
-            wb = wb.max(write_rate(&b, total, 1));
-            wm = wm.max(write_rate(&m, total, 1));
-            rb = rb.max(read_rate(&b, total, 1));
-            rm = rm.max(read_rate(&m, total, 1));
+            wb = wb.max(write_rate(&b, total));
+            wm = wm.max(write_rate(&m, total));
+            rb = rb.max(read_rate(&b, total));
+            rm = rm.max(read_rate(&m, total));
         }
         println!(
             "  write {label:<26} {wb:6.2} {wm:8.2}   {:.2}x GiB/s",
