@@ -598,11 +598,12 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     tracing::info!(socket = %socket.display(), host = daemon.spaces.host(), "stratad serving");
     {
         // managed filesystems mounted when the daemon stopped come back (their MOUNT
-        // events can be answered now that the socket is up)
+        // events can be answered now that the socket is up); the attached policies first,
+        // so that a policy disposed for MOUNT is there to answer
         let d = daemon.clone();
         tokio::task::spawn_blocking(move || {
-            d.mounts.restore();
             d.router.restore(&d.host);
+            d.mounts.restore();
         });
     }
     let ticker = {

@@ -436,7 +436,8 @@ impl Mounts {
     }
 
     /// Mount again what was mounted when the daemon stopped (a stale mount left by a
-    /// daemon that died is detached first).
+    /// daemon that died is detached first). Restore the policy attachments first
+    /// ([`route::Router::restore`]): a policy disposed for MOUNT answers these mounts.
     pub fn restore(&self) {
         for (fs, rec) in self.dm.fs_records() {
             let FsRecord {
@@ -456,6 +457,18 @@ impl Mounts {
                 }
             }
         }
+    }
+
+    /// The filesystem recorded as mounted at a mount point `path` is in (the longest
+    /// recorded mount point that is a prefix of `path`), mounted now or not.
+    pub fn recorded_at(&self, path: &Path) -> Option<FsId> {
+        self.dm
+            .fs_records()
+            .into_iter()
+            .filter_map(|(fs, r)| r.mountpoint.map(|m| (fs, m)))
+            .filter(|(_, m)| path.starts_with(m))
+            .max_by_key(|(_, m)| m.as_os_str().len())
+            .map(|(fs, _)| fs)
     }
 
     /// The daemon stops: unmount everything (lazily: nothing waits), keeping the records

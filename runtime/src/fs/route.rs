@@ -170,6 +170,21 @@ impl Router {
         events: EventSet,
         sid: Option<SessionId>,
     ) -> Result<SessionId, dm::DmError> {
+        let (fs, _, _) = self.mounts.locate(path)?;
+        self.attach_fs(name, policy, path, fs, events, sid)
+    }
+
+    /// [`Router::attach`] to filesystem `fs` (mounted or not: a restore attaches before
+    /// the mounts come back, so that the policy answers their MOUNT events).
+    fn attach_fs(
+        &self,
+        name: &str,
+        policy: Arc<dyn Policy>,
+        path: &std::path::Path,
+        fs: dm::FsId,
+        events: EventSet,
+        sid: Option<SessionId>,
+    ) -> Result<SessionId, dm::DmError> {
         let _one_at_a_time = self.changing.lock().unwrap_or_else(|p| p.into_inner());
         if self
             .attached
@@ -179,7 +194,6 @@ impl Router {
         {
             return Err(dm::DmError::Eexist);
         }
-        let (fs, _, _) = self.mounts.locate(path)?;
         let dm = self.mounts.dm().clone();
         let client = NEXT_CLIENT.fetch_add(1, Ordering::Relaxed);
         let info = format!("plugin:{name}").into_bytes();
@@ -312,14 +326,30 @@ impl Router {
     }
 
     /// Attach again what was attached when the daemon stopped (slots of the plugin host).
+    ///
+    /// Call it before [`Mounts::restore`]: the filesystem is found from its record (where
+    /// it was mounted), the policy's session is assumed again and its worker started, so a
+    /// policy disposed for MOUNT answers the MOUNT event of the remount (otherwise nobody
+    /// would, and the remount would wait for the event timeout). An attachment whose
+    /// filesystem is not recorded as mounted stays recorded and is reported.
     pub fn restore(&self, host: &PluginHost) {
         for (name, rec) in self.records().unwrap_or_default() {
             let policy = Arc::new(WasmPolicy {
                 host: host.clone(),
                 slot: name.clone(),
             });
-            if let Err(e) = self.attach(&name, policy, &rec.path, rec.events, Some(rec.sid)) {
-                tracing::error!(name, path = %rec.path.display(), "cannot attach the policy again: {e}");
+            let fs = self.mounts.locate(&rec.path).map(|(fs, _, _)| fs).ok();
+            let Some(fs) = fs.or_else(|| self.mounts.recorded_at(&rec.path)) else {
+                tracing::error!(name, path = %rec.path.display(), "cannot attach the policy again: no managed filesystem is recorded there");
+                continue;
+            };
+            match self.attach_fs(&name, policy, &rec.path, fs, rec.events, Some(rec.sid)) {
+                Ok(sid) => {
+                    tracing::info!(name, sid, path = %rec.path.display(), "policy attached again")
+                }
+                Err(e) => {
+                    tracing::error!(name, path = %rec.path.display(), "cannot attach the policy again: {e}")
+                }
             }
         }
     }
