@@ -6,13 +6,77 @@
 //!                                       plugin_kv, plugin_kv_usage
 //! data_dir/plugins/<sha256>.wasm  component bytes of every version in a registry record
 //! data_dir/cache/                 precompiled components (see plugin::cache)
+//! data_dir/spawn/<uid>.log        output of spawned programs (see space::spawn)
 //! ```
+//!
+//! Everything under `data_dir` is the daemon's alone: directories 0700, files 0600, set at
+//! creation and, for a directory left by an older version, at every start
+//! ([`prepare_data_dir`]).
 
 use crate::plugin::{PluginKind, SlotSettings};
 use redb::{ReadableDatabase, ReadableTable};
 use serde::{Deserialize, Serialize};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+
+/// Create `data_dir` (0700) if needed, refuse one that belongs to another user, and take
+/// group and other access away from everything in it (directories 0700, files 0600;
+/// symbolic links are not followed).
+pub fn prepare_data_dir(data_dir: &Path) -> anyhow::Result<()> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(data_dir)
+        .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", data_dir.display()))?;
+    let me = rustix::process::geteuid().as_raw();
+    let meta = std::fs::metadata(data_dir)?;
+    anyhow::ensure!(
+        meta.uid() == me,
+        "data_dir {} belongs to uid {}, not to the daemon's uid {me}",
+        data_dir.display(),
+        meta.uid()
+    );
+    let mut tightened = 0usize;
+    tighten(data_dir, &mut tightened)?;
+    if tightened > 0 {
+        tracing::warn!(data_dir = %data_dir.display(), files = tightened, "took group/other access away from the data directory (owner-only now)");
+    }
+    Ok(())
+}
+
+fn tighten(path: &Path, count: &mut usize) -> anyhow::Result<()> {
+    let meta = std::fs::symlink_metadata(path)?;
+    let ft = meta.file_type();
+    if ft.is_symlink() {
+        return Ok(());
+    }
+    let want = if ft.is_dir() { 0o700 } else { 0o600 };
+    if meta.mode() & 0o7777 != want {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(want))
+            .map_err(|e| anyhow::anyhow!("cannot chmod {}: {e}", path.display()))?;
+        *count += 1;
+    }
+    if ft.is_dir() {
+        for entry in std::fs::read_dir(path)? {
+            tighten(&entry?.path(), count)?;
+        }
+    }
+    Ok(())
+}
+
+/// Create (or truncate) `path` with mode 0600 and write `bytes`.
+pub fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(bytes)?;
+    Ok(())
+}
 
 const SLOTS: redb::TableDefinition<&str, &[u8]> = redb::TableDefinition::new("plugin_slots");
 
@@ -52,7 +116,17 @@ pub struct Store {
 impl Store {
     /// Open (or create) the store under `data_dir`.
     pub fn open(data_dir: &Path) -> anyhow::Result<Store> {
-        std::fs::create_dir_all(data_dir.join("plugins"))?;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(data_dir.join("plugins"))?;
+        // created 0600 before redb opens it (redb would create it with the umask's mode)
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(data_dir.join("meta.redb"))?;
         let db = redb::Database::create(data_dir.join("meta.redb")).map_err(|e| {
             anyhow::anyhow!("cannot open {}: {e}", data_dir.join("meta.redb").display())
         })?;
@@ -77,7 +151,7 @@ impl Store {
             return Ok(());
         }
         let tmp = self.blobs.join(format!("{digest}.tmp"));
-        std::fs::write(&tmp, bytes)?;
+        write_private(&tmp, bytes)?;
         std::fs::File::open(&tmp)?.sync_all()?;
         std::fs::rename(&tmp, &path)?;
         Ok(())

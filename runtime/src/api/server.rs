@@ -86,7 +86,7 @@ fn call_err(e: CallError) -> Reply {
 impl Daemon {
     /// Open the store, start the plugin host and load the recorded slots.
     pub fn open(cfg: Config) -> anyhow::Result<Daemon> {
-        std::fs::create_dir_all(&cfg.data_dir)?;
+        crate::store::prepare_data_dir(&cfg.data_dir)?;
         let store = Store::open(&cfg.data_dir)?;
         let kv = Arc::new(RedbKv::new(store.db()).map_err(|e| anyhow::anyhow!("plugin kv: {e}"))?);
         let host_cfg = HostConfig {
@@ -580,7 +580,7 @@ async fn serve_requests(
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let socket = cfg.socket.clone();
     if let Some(dir) = socket.parent() {
-        std::fs::create_dir_all(dir)?;
+        socket_dir(dir)?;
     }
     if socket.exists() {
         // A live daemon answers; a stale socket file does not.
@@ -640,5 +640,37 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     daemon.spaces.shutdown();
     daemon.router.shutdown();
     daemon.mounts.shutdown();
+    Ok(())
+}
+
+/// The socket's directory: created 0755 (everyone may connect, nobody else may replace
+/// the socket). An existing one writable by group or others without the sticky bit would
+/// let another user swap the socket for their own: ours is tightened (go-w), another
+/// user's is refused.
+fn socket_dir(dir: &std::path::Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+    if dir.as_os_str().is_empty() {
+        return Ok(());
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o755)
+        .create(dir)
+        .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", dir.display()))?;
+    let meta = std::fs::metadata(dir)?;
+    let mode = meta.mode() & 0o7777;
+    if mode & 0o022 == 0 || mode & 0o1000 != 0 {
+        return Ok(());
+    }
+    let me = rustix::process::geteuid().as_raw();
+    anyhow::ensure!(
+        meta.uid() == me,
+        "the socket directory {} is writable by others (mode {mode:o}) and belongs to uid {}: \
+         choose a directory only the daemon's user can write",
+        dir.display(),
+        meta.uid()
+    );
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode & !0o022))?;
+    tracing::warn!(dir = %dir.display(), "the socket directory was writable by others: now {:o}", mode & !0o022);
     Ok(())
 }

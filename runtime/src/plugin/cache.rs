@@ -43,12 +43,12 @@ pub(crate) fn digest(bytes: &[u8]) -> String {
 impl CompileCache {
     pub(crate) fn new(engine: &Engine, dir: Option<PathBuf>) -> std::io::Result<Self> {
         if let Some(d) = &dir {
-            std::fs::create_dir_all(d)?;
-            #[cfg(unix)]
-            {
-                use std::os::unix::fs::PermissionsExt;
-                std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o700))?;
-            }
+            use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(d)?;
+            std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o700))?;
         }
         let mut h = std::collections::hash_map::DefaultHasher::new();
         engine.precompile_compatibility_hash().hash(&mut h);
@@ -108,8 +108,8 @@ impl CompileCache {
             .serialize()
             .map_err(|e| anyhow::anyhow!(super::error::chain(&e)))?;
         let tmp = cwasm.with_extension("tmp");
-        std::fs::write(&tmp, &code)?;
-        std::fs::write(sum, digest(&code))?;
+        crate::store::write_private(&tmp, &code)?;
+        crate::store::write_private(sum, digest(&code).as_bytes())?;
         std::fs::rename(&tmp, cwasm)?;
         Ok(())
     }
