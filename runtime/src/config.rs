@@ -1,8 +1,10 @@
 //! `stratad` configuration (TOML). Every field has a default, so an empty file is valid.
 //!
 //! ```toml
-//! data_dir = "/var/lib/strata"        # metadata store, plugin blobs, precompiled cache
-//! socket = "/run/strata/stratad.sock" # local admin/client API
+//! data_dir = "/var/lib/strata"        # metadata store, plugin blobs, precompiled cache, spawn
+//!                                     # logs: owner-only (0700/0600, tightened at every start)
+//! socket = "/run/strata/stratad.sock" # local admin/client API (0666; its directory must not
+//!                                     # be writable by others; not inside data_dir)
 //! log = "info"                        # tracing filter
 //!
 //! [plugins]
@@ -21,6 +23,8 @@
 //! max_cache_bytes = 4294967296        # largest cache region of one space
 //! lease_timeout_ms = 30000            # start_write leases not stopped by then are reclaimed
 //! spawn_allow = ["/usr/bin/env"]      # programs `spawn` may start (exact paths)
+//! spawn_max_children_per_uid = 32     # live spawned programs per uid; more: SPAWNPROCESS_FAIL EAGAIN
+//! spawn_log_max_bytes = 8388608       # data_dir/spawn/<uid>.log rotates to <uid>.log.1 past this
 //!
 //! [dm]
 //! event_timeout_ms = 60000            # a synchronous event unanswered this long fails...
@@ -68,6 +72,11 @@ pub struct SpaceConfig {
     pub lease_timeout_ms: u64,
     /// Programs `spawn` may start.
     pub spawn_allow: Vec<PathBuf>,
+    /// Spawned programs alive at once per uid (a program counts until it has exited and
+    /// its output pipe is closed).
+    pub spawn_max_children_per_uid: usize,
+    /// Size at which a uid's spawn output log is rotated (one old generation is kept).
+    pub spawn_log_max_bytes: u64,
 }
 
 impl Default for SpaceConfig {
@@ -81,6 +90,8 @@ impl Default for SpaceConfig {
             max_cache_bytes: 4 << 30,
             lease_timeout_ms: 30_000,
             spawn_allow: Vec::new(),
+            spawn_max_children_per_uid: 32,
+            spawn_log_max_bytes: 8 << 20,
         }
     }
 }
@@ -179,6 +190,20 @@ impl Config {
         anyhow::ensure!(
             sp.spawn_allow.iter().all(|p| p.is_absolute()),
             "spaces.spawn_allow entries must be absolute paths"
+        );
+        anyhow::ensure!(
+            sp.spawn_max_children_per_uid >= 1,
+            "spaces.spawn_max_children_per_uid must be at least 1"
+        );
+        anyhow::ensure!(
+            sp.spawn_log_max_bytes >= 4096,
+            "spaces.spawn_log_max_bytes must be at least 4096"
+        );
+        anyhow::ensure!(
+            !self.socket.starts_with(&self.data_dir),
+            "socket {} must not be inside data_dir {} (only the daemon may enter data_dir)",
+            self.socket.display(),
+            self.data_dir.display()
         );
         anyhow::ensure!(
             self.socket.as_os_str().len() < 100,

@@ -8,6 +8,7 @@
 
 pub mod core;
 pub mod durable;
+pub mod spawn;
 
 use self::core::{
     Caller, ChunkMeta, Core, Effect, Fill, Grant, InvalidateOutcome, JoinError, LeaseKind,
@@ -78,7 +79,7 @@ pub struct Spaces {
     host: String,
     instance: String,
     socket: PathBuf,
-    spawn_log: PathBuf,
+    spawner: spawn::Spawner,
     epoch: Instant,
     next_client: AtomicU64,
     root: bool,
@@ -132,7 +133,11 @@ impl Spaces {
             host,
             instance,
             socket,
-            spawn_log: data_dir.join("spawn.log"),
+            spawner: spawn::Spawner::new(
+                data_dir.join("spawn"),
+                cfg.spawn_max_children_per_uid,
+                cfg.spawn_log_max_bytes,
+            ),
             epoch: Instant::now(),
             next_client: AtomicU64::new(1),
             root: own_uid == 0,
@@ -896,34 +901,8 @@ impl Spaces {
                 ),
             };
         }
-        let mut cmd = std::process::Command::new(program);
-        cmd.args(args)
-            .env("STRATA_SPACE", space)
-            .env("STRATA_HOST", host)
-            .env("STRATA_SOCKET", &self.socket)
-            .stdin(std::process::Stdio::null());
-        match std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.spawn_log)
-        {
-            Ok(f) => {
-                let f2 = f.try_clone().ok();
-                cmd.stdout(f);
-                if let Some(f2) = f2 {
-                    cmd.stderr(f2);
-                }
-            }
-            Err(_) => {
-                cmd.stdout(std::process::Stdio::null())
-                    .stderr(std::process::Stdio::null());
-            }
-        }
-        if self.root {
-            // as the caller, never as root on another user's behalf (std drops the
-            // supplementary groups when it switches uid as root)
-            use std::os::unix::process::CommandExt;
-            cmd.uid(c.uid).gid(c.gid);
+        let as_user = if self.root {
+            Some((c.uid, c.gid))
         } else if c.uid != self.own_uid {
             return SpaceReply::SpawnFail {
                 errno: libc::EPERM,
@@ -935,19 +914,36 @@ impl Spaces {
                     ),
                 ),
             };
-        }
-        match cmd.spawn() {
-            Ok(mut child) => {
-                let pid = child.id();
+        } else {
+            None
+        };
+        let vars: [(&str, std::ffi::OsString); 3] = [
+            ("STRATA_SPACE", space.into()),
+            ("STRATA_HOST", host.into()),
+            ("STRATA_SOCKET", self.socket.clone().into_os_string()),
+        ];
+        let job = spawn::Job {
+            program,
+            args,
+            as_user,
+            uid: c.uid,
+            vars: &vars,
+            space,
+        };
+        match self.spawner.start(&job) {
+            Ok(pid) => {
                 tracing::info!(%space, program, pid, uid = c.uid, "spawned");
-                std::thread::spawn(move || {
-                    let _ = child.wait();
-                });
                 SpaceReply::SpawnOk { pid }
             }
             Err(e) => SpaceReply::SpawnFail {
-                errno: e.raw_os_error().unwrap_or(libc::EIO),
-                reason: fail(ReasonKind::Io, format!("cannot start {program:?}: {e}")),
+                errno: e.errno(),
+                reason: fail(
+                    match e {
+                        spawn::SpawnError::TooMany { .. } => ReasonKind::Busy,
+                        _ => ReasonKind::Io,
+                    },
+                    e.to_string(),
+                ),
             },
         }
     }
