@@ -227,4 +227,21 @@ mod tests {
         assert_eq!(c.plugins.deadline_ms, 5);
         assert_eq!(c.data_dir, PathBuf::from("/x"));
     }
+
+    #[test]
+    fn spawn_limits_have_defaults_and_bounds() {
+        let c = Config::default();
+        assert_eq!(c.spaces.spawn_max_children_per_uid, 32);
+        assert_eq!(c.spaces.spawn_log_max_bytes, 8 << 20);
+        c.check().unwrap();
+        let mut bad = c.clone();
+        bad.spaces.spawn_max_children_per_uid = 0;
+        assert!(bad.check().is_err());
+        let mut bad = c.clone();
+        bad.spaces.spawn_log_max_bytes = 100;
+        assert!(bad.check().is_err());
+        let mut bad = c;
+        bad.socket = bad.data_dir.join("s.sock");
+        assert!(bad.check().is_err(), "a socket inside data_dir is refused");
+    }
 }

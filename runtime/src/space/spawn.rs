@@ -483,3 +483,36 @@ fn pollfd(fd: i32) -> libc::pollfd {
         revents: 0,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn a_log_is_private_and_rotated_once_past_its_size() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("spawn");
+        let mut logs = Logs {
+            dir: dir.clone(),
+            max: 100,
+            open: HashMap::new(),
+        };
+        logs.write(7, &[b'a'; 60]);
+        logs.write(7, &[b'b'; 60]);
+        logs.write(7, &[b'c'; 60]);
+        let cur = std::fs::read(dir.join("7.log")).unwrap();
+        let old = std::fs::read(dir.join("7.log.1")).unwrap();
+        assert_eq!(cur, [b'c'; 60]);
+        assert_eq!(old, [b'b'; 60], "one generation kept");
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&dir), 0o700);
+        assert_eq!(mode(&dir.join("7.log")), 0o600);
+        // a symbolic link planted at a log's place is not followed
+        let target = tmp.path().join("elsewhere");
+        std::fs::write(&target, b"keep").unwrap();
+        std::os::unix::fs::symlink(&target, dir.join("8.log")).unwrap();
+        logs.write(8, b"x");
+        assert_eq!(std::fs::read(&target).unwrap(), b"keep");
+    }
+}
