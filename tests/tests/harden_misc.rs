@@ -323,6 +323,12 @@ fn spawned_programs_get_a_clean_environment_and_no_daemon_descriptors() {
         "[spaces]\nhost_id = \"h1\"\nspawn_allow = [\"/usr/bin/env\", \"/usr/bin/ls\"]\n",
     );
     drop(leaked);
+    // the daemon holds the inherited descriptor (so the check below is not vacuous)
+    let held = std::fs::read_dir(format!("/proc/{}/fd", d.pid()))
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.unwrap().path()).ok())
+        .any(|t| t.ends_with("leaked-fd"));
+    assert!(held, "stratad did not inherit the leaked descriptor");
     let data = d.dir.join("data");
     d.ok(&["space", "create", "s", "--mode", "666"]);
     spawned_pid(&spawn_as(&d, NOBODY, &["s", "h1", "/usr/bin/env"]));
