@@ -14,6 +14,7 @@
 //! management requests need uid 0 or the daemon's own uid.
 
 pub mod client;
+pub mod limits;
 pub mod server;
 
 use crate::plugin::{

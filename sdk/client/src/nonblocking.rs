@@ -2,7 +2,7 @@
 //! served without awaiting anything.
 
 use crate::blocking::{RwMaps, StartWriteStatus, WriteLease};
-use crate::frame::{read_frame_async, write_frame_async, FrameError};
+use crate::frame::exchange_async;
 use crate::ops::{self, CacheSet, ClientError, Lookup};
 use crate::proto::*;
 use std::path::Path;
@@ -57,10 +57,8 @@ impl AsyncClient {
         payload: &[u8],
     ) -> Result<(SpaceReply, Vec<u8>), ClientError> {
         let env = ops::envelope(&req)?;
-        write_frame_async(&mut self.s, &env, payload)
-            .await
-            .map_err(FrameError::Io)?;
-        let (reply, data): (serde_json::Value, Vec<u8>) = read_frame_async(&mut self.s).await?;
+        let (reply, data): (serde_json::Value, Vec<u8>) =
+            exchange_async(&mut self.s, &env, payload).await?;
         Ok((ops::space_reply(reply)?, data))
     }
 
