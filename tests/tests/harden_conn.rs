@@ -44,6 +44,10 @@ fn attacker(socket: &Path, role: &str, count: usize, secs: f64, slot: &str) -> C
 fn report(c: Child) -> Value {
     let o = c.wait_with_output().expect("strata-hostile");
     let text = String::from_utf8_lossy(&o.stdout);
+    if text.trim().is_empty() {
+        // killed (by the memory monitor: the daemon ballooned)
+        return serde_json::json!({"killed": o.status.to_string()});
+    }
     serde_json::from_str(text.trim())
         .unwrap_or_else(|e| panic!("strata-hostile said {text:?}: {e}"))
 }
