@@ -11,6 +11,7 @@ pub use strata_client::ClientError;
 /// A connection to `stratad`.
 pub struct Client {
     s: UnixStream,
+    path: std::path::PathBuf,
 }
 
 impl Client {
@@ -20,13 +21,22 @@ impl Client {
             path: path.display().to_string(),
             source,
         })?;
-        Ok(Client { s })
+        Ok(Client {
+            s,
+            path: path.to_owned(),
+        })
     }
 
     /// Send a request (with a payload) and read the reply; an error reply becomes `Err`.
     pub fn request(&mut self, req: &Request, payload: &[u8]) -> Result<Reply, ClientError> {
         let mut r = &self.s;
-        let (reply, _): (Reply, Vec<u8>) = exchange(&mut &self.s, &mut r, req, payload)?;
+        let (mut reply, _): (Reply, Vec<u8>) = exchange(&mut &self.s, &mut r, req, payload)?;
+        if matches!(&reply, Reply::Error(e) if e.kind == "idle") {
+            // closed for idleness before the request was read: connect again, send again
+            self.s = Client::connect(&self.path)?.s;
+            let mut r = &self.s;
+            (reply, _) = exchange(&mut &self.s, &mut r, req, payload)?;
+        }
         match reply {
             Reply::Error(e) => Err(ClientError::Api(strata_client::ApiError {
                 kind: e.kind,

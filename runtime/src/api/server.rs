@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use strata_client::frame::{decode_header, header_len, payload_len, read_bytes_async};
 use strata_client::frame::{write_frame_async, MAX_PAYLOAD};
-use strata_client::Reason;
+use strata_client::{Reason, ReasonKind};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixStream;
@@ -501,6 +501,25 @@ enum Incoming {
     Closed,
     /// The frame cannot be served and framing is lost: answer this, then close.
     Refuse(Reply),
+    /// The frame was read (its payload discarded) and is answered with this; the
+    /// connection goes on.
+    Answer(Reply),
+}
+
+/// Read and drop `n` payload bytes (a chunk over its space's slot size): the seed answers
+/// such a write with WRITE_FAIL `too-large` and the connection goes on, so the bytes are
+/// consumed, through a small buffer, never stored.
+async fn discard(s: &mut Reader, mut n: u64) -> std::io::Result<()> {
+    let mut buf = [0u8; 16 << 10];
+    while n > 0 {
+        let want = buf.len().min(usize::try_from(n).unwrap_or(usize::MAX));
+        let got = s.read(&mut buf[..want]).await?;
+        if got == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        n -= got as u64;
+    }
+    Ok(())
 }
 
 /// The largest payload `req` may carry from `uid`, checked from the header before any of
@@ -528,9 +547,18 @@ fn payload_limit(daemon: &Daemon, req: &Request, privileged: bool) -> Result<u64
     })
 }
 
-/// Wait for the next frame's first byte: `false` when the peer left, or stayed idle
-/// (nothing in flight, no lease) for `idle_timeout_ms`.
-async fn await_request(daemon: &Daemon, limits: &Limits, s: &mut Reader, client: u64) -> bool {
+/// What became of a connection between requests.
+enum Between {
+    /// A frame's first byte arrived.
+    Request,
+    /// The peer left.
+    Left,
+    /// It stayed idle (nothing in flight, no lease) for `idle_timeout_ms`.
+    Idle,
+}
+
+/// Wait for the next frame's first byte.
+async fn await_request(daemon: &Daemon, limits: &Limits, s: &mut Reader, client: u64) -> Between {
     let idle = limits.config().idle_timeout_ms;
     loop {
         let ready = if idle == 0 {
@@ -541,16 +569,17 @@ async fn await_request(daemon: &Daemon, limits: &Limits, s: &mut Reader, client:
                 .map(|r| r.map(|b| !b.is_empty()))
         };
         match ready {
-            Ok(Ok(more)) => return more,
+            Ok(Ok(true)) => return Between::Request,
+            Ok(Ok(false)) => return Between::Left,
             Ok(Err(e)) => {
                 tracing::debug!("client connection failed: {e}");
-                return false;
+                return Between::Left;
             }
             // a connection holding a lease is busy, however quiet
             Err(_) if daemon.spaces.holds_lease(client) => continue,
             Err(_) => {
                 tracing::debug!(client, "closing a connection idle for {idle} ms");
-                return false;
+                return Between::Idle;
             }
         }
     }
@@ -566,10 +595,22 @@ async fn next_request(
     uid: u32,
     client: u64,
 ) -> Incoming {
-    if !await_request(daemon, limits, s, client).await {
-        return Incoming::Closed;
-    }
     let cfg = limits.config();
+    match await_request(daemon, limits, s, client).await {
+        Between::Request => {}
+        Between::Left => return Incoming::Closed,
+        // said, so that a client sending just now knows its request was not served
+        Between::Idle => {
+            return Incoming::Refuse(err(
+                "idle",
+                Fault::Caller,
+                format!(
+                    "connection closed after {} ms without a request (limits.idle_timeout_ms); nothing sent on it since was served",
+                    cfg.idle_timeout_ms
+                ),
+            ))
+        }
+    }
     let header_deadline = Instant::now() + Duration::from_millis(cfg.header_timeout_ms);
     let head = async {
         let mut len = [0u8; 4];
@@ -634,7 +675,38 @@ async fn next_request(
         // no payload: the request itself is refused with the same reason
         Err(_) => 0,
     };
+    let body_deadline = Instant::now() + Duration::from_millis(cfg.body_timeout_ms);
     if plen > limit {
+        if let Request::Space(sr) = &req {
+            // a chunk over the slot size: the seed's WRITE_FAIL too-large, bytes dropped
+            let (kind, message) = match sr {
+                strata_client::SpaceRequest::StopWrite { len, .. } if plen != *len => (
+                    ReasonKind::Invalid,
+                    format!("stop_write of {len} bytes sent a buffer of {plen} bytes; the lease is still held"),
+                ),
+                _ => (
+                    ReasonKind::TooLarge,
+                    format!("a chunk of {plen} bytes is over the space's slot size of {limit}"),
+                ),
+            };
+            let deadline = tokio::time::Instant::from_std(body_deadline);
+            return match tokio::time::timeout_at(deadline, discard(s, plen)).await {
+                Ok(Ok(())) => {
+                    Incoming::Answer(Reply::Space(strata_client::SpaceReply::WriteFail {
+                        reason: Some(Reason::new(kind, message)),
+                    }))
+                }
+                Ok(Err(_)) => Incoming::Closed,
+                Err(_) => Incoming::Refuse(err(
+                    "protocol",
+                    Fault::Caller,
+                    format!(
+                        "payload not complete within {} ms (limits.body_timeout_ms)",
+                        cfg.body_timeout_ms
+                    ),
+                )),
+            };
+        }
         return Incoming::Refuse(err(
             "protocol",
             Fault::Caller,
@@ -644,7 +716,6 @@ async fn next_request(
             ),
         ));
     }
-    let body_deadline = Instant::now() + Duration::from_millis(cfg.body_timeout_ms);
     let budget = match limits.reserve(uid, plen, body_deadline).await {
         Ok(b) => b,
         Err(r) => return Incoming::Refuse(limit_err(&r)),
@@ -738,6 +809,15 @@ async fn serve_requests(
             match next_request(daemon, limits, s, budget_uid, caller.client).await {
                 Incoming::Frame(req, payload, budget) => (req, payload, budget),
                 Incoming::Closed => return,
+                Incoming::Answer(reply) => {
+                    let sent =
+                        tokio::time::timeout(write_timeout, write_frame_async(w, &reply, b""))
+                            .await;
+                    if !matches!(sent, Ok(Ok(()))) {
+                        return;
+                    }
+                    continue;
+                }
                 Incoming::Refuse(reply) => {
                     // framing is lost after a refused frame: answer, then close
                     if let Ok(frame) = super::encode(&reply, b"") {

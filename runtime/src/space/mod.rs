@@ -563,8 +563,8 @@ impl Spaces {
     }
 
     /// The largest payload a request may carry (checked from its header, before the payload
-    /// is read): a chunk for `write` and `stop-write` (the space's slot size, or
-    /// `max_slot_size` for a space this host does not know), nothing for the rest.
+    /// is read): a chunk for `write` (the space's slot size, or `max_slot_size` for a space
+    /// this host does not know) and `stop-write` (its `len`), nothing for the rest.
     pub fn max_payload(&self, req: &SpaceRequest) -> u64 {
         match req {
             SpaceRequest::Write { space, .. } => self
@@ -573,7 +573,10 @@ impl Spaces {
                 .space_meta(space)
                 .map(|m| m.slot_size)
                 .unwrap_or(self.cfg.max_slot_size),
-            SpaceRequest::StopWrite { len, .. } => (*len).min(self.cfg.max_slot_size),
+            SpaceRequest::StopWrite { len, .. } => {
+                // a `len` over every slot is refused by the lease; its bytes are not read
+                (*len).min(self.cfg.max_slot_size)
+            }
             _ => 0,
         }
     }

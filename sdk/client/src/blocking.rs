@@ -252,10 +252,28 @@ impl Client {
         header: &T,
         payload: &[u8],
     ) -> Result<(String, serde_json::Value, Vec<u8>), ClientError> {
-        let (reply, data): (serde_json::Value, Vec<u8>) =
-            exchange(&mut self.s, &mut self.r, header, payload)?;
+        let (reply, data) = self.round_trip(header, payload)?;
         let (kind, value) = ops::unwrap_reply(reply)?;
         Ok((kind, value, data))
+    }
+
+    /// One request and its reply. A connection the daemon closed for idleness (after
+    /// `limits.idle_timeout_ms` without a request; never one holding a lease) did not serve
+    /// the request: connect again and send it once more.
+    fn round_trip<T: serde::Serialize>(
+        &mut self,
+        header: &T,
+        payload: &[u8],
+    ) -> Result<(serde_json::Value, Vec<u8>), ClientError> {
+        let (reply, data): (serde_json::Value, Vec<u8>) =
+            exchange(&mut self.s, &mut self.r, header, payload)?;
+        if !ops::is_idle_close(&reply) {
+            return Ok((reply, data));
+        }
+        let fresh = Client::connect(&self.socket)?;
+        self.s = fresh.s;
+        self.r = fresh.r;
+        Ok(exchange(&mut self.s, &mut self.r, header, payload)?)
     }
 
     fn space(
@@ -264,8 +282,7 @@ impl Client {
         payload: &[u8],
     ) -> Result<(SpaceReply, Vec<u8>), ClientError> {
         let env = ops::envelope(req)?;
-        let (reply, data): (serde_json::Value, Vec<u8>) =
-            exchange(&mut self.s, &mut self.r, &env, payload)?;
+        let (reply, data) = self.round_trip(&env, payload)?;
         Ok((ops::space_reply(reply)?, data))
     }
 

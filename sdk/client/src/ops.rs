@@ -393,3 +393,9 @@ mod tests {
         assert!(write(SpaceReply::WriteFail { reason: None }).is_err());
     }
 }
+
+/// Whether a reply says the daemon closed the connection for idleness before reading the
+/// request (`{"reply":"error","value":{"kind":"idle",...}}`): the request was not served.
+pub(crate) fn is_idle_close(reply: &serde_json::Value) -> bool {
+    reply["reply"] == "error" && reply["value"]["kind"] == "idle"
+}
