@@ -29,6 +29,20 @@
 //! [dm]
 //! event_timeout_ms = 60000            # a synchronous event unanswered this long fails...
 //! timeout_errno = 110                 # ...its operation with this errno (ETIMEDOUT)
+//!
+//! [limits]                            # what one local user can take of the daemon
+//! max_connections = 4096              # open API connections in all (root's not counted)
+//! max_connections_per_uid = 256       # open API connections of one uid (not root's)
+//! idle_timeout_ms = 300000            # a connection with nothing in flight is closed
+//! header_timeout_ms = 5000            # a started frame's header must arrive by then
+//! body_timeout_ms = 30000             # ...and its payload within this after the header
+//! max_inflight_bytes = 1073741824     # request bytes being read or served, all uids
+//! max_inflight_bytes_per_uid = 268435456 # ...of one uid (headers and payloads)
+//! plugin_calls = 2                    # plugin calls (place, rebalance) running at once
+//!                                     # (default: the number of CPUs)
+//! plugin_calls_per_uid = 1            # ...of them for one uid; the rest wait their turn
+//!                                     # (default: half of plugin_calls, at least 1)
+//! max_blocking_threads = 512          # the daemon's blocking thread pool
 //! ```
 
 use serde::{Deserialize, Serialize};
@@ -50,6 +64,77 @@ pub struct Config {
     pub spaces: SpaceConfig,
     /// Data management (DMAPI).
     pub dm: crate::dm::service::DmConfig,
+    /// What one local user can take of the daemon: connections, bytes, plugin calls.
+    pub limits: LimitsConfig,
+}
+
+/// `[limits]`: bounds on what the daemon gives one local user (see `docs/protocol.md`,
+/// "Limits"). Root and the daemon's own uid are not counted against the connection caps and
+/// the total in-flight bytes (they still have their per-uid byte cap).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Open API connections of all unprivileged uids together; more are refused with an
+    /// error frame and closed.
+    pub max_connections: usize,
+    /// Open API connections of one unprivileged uid.
+    pub max_connections_per_uid: usize,
+    /// A connection with no request in flight, no parked request and no lease is closed
+    /// after this long without a request (0: never).
+    pub idle_timeout_ms: u64,
+    /// Once a frame's first byte arrived, its header (and payload length) must arrive
+    /// within this.
+    pub header_timeout_ms: u64,
+    /// Once a frame's header arrived, its payload must arrive within this (including any
+    /// wait for the in-flight byte budget).
+    pub body_timeout_ms: u64,
+    /// Bytes of requests being read or served at once (headers and payloads), all
+    /// unprivileged uids together.
+    pub max_inflight_bytes: u64,
+    /// Bytes of requests being read or served at once for one uid.
+    pub max_inflight_bytes_per_uid: u64,
+    /// Plugin calls from the socket (place, rebalance) running at once (default: the
+    /// number of CPUs: a call is CPU-bound until its deadline).
+    pub plugin_calls: Option<usize>,
+    /// Of those, how many one uid may run at once (default: half of `plugin_calls`, at
+    /// least 1).
+    pub plugin_calls_per_uid: Option<usize>,
+    /// Threads of the daemon's blocking pool (durable writes, plugin calls, fsync).
+    pub max_blocking_threads: usize,
+}
+
+impl LimitsConfig {
+    /// Plugin calls running at once, in all and for one uid (defaults resolved).
+    pub fn plugin_turns(&self) -> (usize, usize) {
+        let total = self.plugin_calls.unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(2)
+                .max(2)
+        });
+        let per_uid = self
+            .plugin_calls_per_uid
+            .unwrap_or((total / 2).max(1))
+            .min(total);
+        (total, per_uid)
+    }
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_connections: 4096,
+            max_connections_per_uid: 256,
+            idle_timeout_ms: 300_000,
+            header_timeout_ms: 5_000,
+            body_timeout_ms: 30_000,
+            max_inflight_bytes: 1 << 30,
+            max_inflight_bytes_per_uid: 256 << 20,
+            plugin_calls: None,
+            plugin_calls_per_uid: None,
+            max_blocking_threads: 512,
+        }
+    }
 }
 
 /// `[spaces]`.
@@ -133,6 +218,7 @@ impl Default for Config {
             plugins: PluginConfig::default(),
             spaces: SpaceConfig::default(),
             dm: crate::dm::service::DmConfig::default(),
+            limits: LimitsConfig::default(),
         }
     }
 }
@@ -191,6 +277,32 @@ impl Config {
             sp.spawn_allow.iter().all(|p| p.is_absolute()),
             "spaces.spawn_allow entries must be absolute paths"
         );
+        let l = &self.limits;
+        anyhow::ensure!(
+            l.max_connections > 0 && l.max_connections_per_uid > 0,
+            "limits.max_connections and max_connections_per_uid must be positive"
+        );
+        anyhow::ensure!(
+            l.header_timeout_ms > 0 && l.body_timeout_ms > 0,
+            "limits.header_timeout_ms and body_timeout_ms must be positive"
+        );
+        anyhow::ensure!(
+            l.max_inflight_bytes_per_uid >= 2 << 20 && l.max_inflight_bytes >= 2 << 20,
+            "limits.max_inflight_bytes and max_inflight_bytes_per_uid must be at least 2 MiB"
+        );
+        anyhow::ensure!(
+            l.max_inflight_bytes <= u32::MAX as u64
+                && l.max_inflight_bytes_per_uid <= u32::MAX as u64,
+            "limits.max_inflight_bytes and max_inflight_bytes_per_uid must be under 4 GiB"
+        );
+        anyhow::ensure!(
+            l.plugin_calls != Some(0) && l.plugin_calls_per_uid != Some(0),
+            "limits.plugin_calls and plugin_calls_per_uid must be positive"
+        );
+        anyhow::ensure!(
+            l.max_blocking_threads >= 8,
+            "limits.max_blocking_threads must be at least 8"
+        );
         anyhow::ensure!(
             sp.spawn_max_children_per_uid >= 1,
             "spaces.spawn_max_children_per_uid must be at least 1"
@@ -226,6 +338,12 @@ mod tests {
         let c: Config = toml::from_str("data_dir = \"/x\"\n[plugins]\ndeadline_ms = 5").unwrap();
         assert_eq!(c.plugins.deadline_ms, 5);
         assert_eq!(c.data_dir, PathBuf::from("/x"));
+        let c: Config = toml::from_str("[limits]\nmax_connections_per_uid = 8").unwrap();
+        assert_eq!(c.limits.max_connections_per_uid, 8);
+        assert_eq!(c.limits.max_connections, 4096);
+        c.check().unwrap();
+        let c: Config = toml::from_str("[limits]\nheader_timeout_ms = 0").unwrap();
+        assert!(c.check().is_err());
     }
 
     #[test]

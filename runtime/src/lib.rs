@@ -14,5 +14,6 @@ pub mod config;
 pub mod dm;
 pub mod fs;
 pub mod plugin;
+pub mod ratelimit;
 pub mod space;
 pub mod store;

@@ -12,8 +12,13 @@
 //! One request, one reply, in order, on a connection; a client may send the next request
 //! after reading the reply. The daemon reads the peer's credentials (SO_PEERCRED):
 //! management requests need uid 0 or the daemon's own uid.
+//!
+//! What one peer can take is bounded ([`limits`], `[limits]` in the config): connections
+//! per uid and in all, idle and frame deadlines, payload sizes per op (checked from the
+//! header before the payload is read), bytes in flight per uid, plugin calls at once.
 
 pub mod client;
+pub mod limits;
 pub mod server;
 
 use crate::plugin::{

@@ -1,20 +1,24 @@
 //! The daemon side of the local API: a thin async shell around [`Daemon::handle`].
 
+use super::limits::{Budget, ConnSlot, Limits, Refusal};
 use super::{ApiError, FrameError, Reply, Request};
 use crate::config::Config;
+use crate::log_limited;
 use crate::plugin::{
     CallError, Fault, HostConfig, LoadError, PluginHost, RedbKv, SlotError, SlotSettings,
 };
+use crate::ratelimit::LogLimit;
 use crate::space::core::Caller;
 use crate::space::{Spaces, Step};
 use crate::store::{RecordedVersion, SlotRecord, Store};
 use std::sync::Arc;
-use std::time::Instant;
-use strata_client::frame::{read_frame_async, write_frame_async};
-use strata_client::Reason;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use std::time::{Duration, Instant};
+use strata_client::frame::{decode_header, header_len, payload_len, read_bytes_async};
+use strata_client::frame::{write_frame_async, MAX_PAYLOAD};
+use strata_client::{Reason, ReasonKind};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::{UnixListener, UnixStream};
+use tokio::net::UnixStream;
 
 /// A connection's read side, buffered (a frame is several small reads).
 type Reader = tokio::io::BufReader<OwnedReadHalf>;
@@ -479,7 +483,284 @@ async fn serve_dm(
     }
 }
 
-async fn serve_conn(daemon: Arc<Daemon>, s: UnixStream) {
+/// Refused connections, idle closes, frame deadlines, accept failures: one limiter each,
+/// so a flood costs a few log lines a second.
+static REFUSED_LOG: LogLimit = LogLimit::new(5, Duration::from_secs(1));
+static ACCEPT_LOG: LogLimit = LogLimit::new(5, Duration::from_secs(1));
+static FRAME_LOG: LogLimit = LogLimit::new(5, Duration::from_secs(1));
+
+fn limit_err(r: &Refusal) -> Reply {
+    err("limit", Fault::Caller, r)
+}
+
+/// What the connection's peer sent next.
+enum Incoming {
+    /// A request and its payload, with the bytes reserved for them.
+    Frame(Request, Vec<u8>, Budget),
+    /// The peer left (or broke off mid-frame, or stayed idle too long): close quietly.
+    Closed,
+    /// The frame cannot be served and framing is lost: answer this, then close.
+    Refuse(Reply),
+    /// The frame was read (its payload discarded) and is answered with this; the
+    /// connection goes on.
+    Answer(Reply),
+}
+
+/// Read and drop `n` payload bytes (a chunk over its space's slot size): the seed answers
+/// such a write with WRITE_FAIL `too-large` and the connection goes on, so the bytes are
+/// consumed, through a small buffer, never stored.
+async fn discard(s: &mut Reader, mut n: u64) -> std::io::Result<()> {
+    let mut buf = [0u8; 16 << 10];
+    while n > 0 {
+        let want = buf.len().min(usize::try_from(n).unwrap_or(usize::MAX));
+        let got = s.read(&mut buf[..want]).await?;
+        if got == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        n -= got as u64;
+    }
+    Ok(())
+}
+
+/// The largest payload `req` may carry from `uid`, checked from the header before any of
+/// the payload is read; `Err` names what needs privilege when the peer may not send the
+/// request at all.
+fn payload_limit(daemon: &Daemon, req: &Request, privileged: bool) -> Result<u64, &'static str> {
+    Ok(match req {
+        Request::PluginLoad { .. } | Request::PluginSwap { .. } if !privileged => {
+            return Err("plugin management")
+        }
+        Request::PluginLoad { .. } | Request::PluginSwap { .. } => {
+            daemon.cfg.plugins.max_component_bytes as u64
+        }
+        Request::Dm(_) if !privileged => return Err("DMAPI calls"),
+        Request::Dm(d) => {
+            use strata_client::dm::DmRequest as D;
+            match d {
+                D::SendMsg { .. } | D::SetDmattr { .. } | D::WriteInvis { .. } => MAX_PAYLOAD,
+                _ => 0,
+            }
+        }
+        Request::Space(sr) => daemon.spaces.max_payload(sr),
+        // status, lists, place, rebalance, plugin and fs management: no payload
+        _ => 0,
+    })
+}
+
+/// What became of a connection between requests.
+enum Between {
+    /// A frame's first byte arrived.
+    Request,
+    /// The peer left.
+    Left,
+    /// It stayed idle (nothing in flight, no lease) for `idle_timeout_ms`.
+    Idle,
+}
+
+/// Wait for the next frame's first byte.
+async fn await_request(daemon: &Daemon, limits: &Limits, s: &mut Reader, client: u64) -> Between {
+    let idle = limits.config().idle_timeout_ms;
+    loop {
+        let ready = if idle == 0 {
+            Ok(s.fill_buf().await.map(|b| !b.is_empty()))
+        } else {
+            tokio::time::timeout(Duration::from_millis(idle), s.fill_buf())
+                .await
+                .map(|r| r.map(|b| !b.is_empty()))
+        };
+        match ready {
+            Ok(Ok(true)) => return Between::Request,
+            Ok(Ok(false)) => return Between::Left,
+            Ok(Err(e)) => {
+                tracing::debug!("client connection failed: {e}");
+                return Between::Left;
+            }
+            // a connection holding a lease is busy, however quiet
+            Err(_) if daemon.spaces.holds_lease(client) => continue,
+            Err(_) => {
+                tracing::debug!(client, "closing a connection idle for {idle} ms");
+                return Between::Idle;
+            }
+        }
+    }
+}
+
+/// Read the next request: the header within `header_timeout_ms` of its first byte, checked
+/// (op, payload limit, byte budget) before any payload is read, then the payload within
+/// `body_timeout_ms`, into a buffer that grows as it arrives.
+async fn next_request(
+    daemon: &Daemon,
+    limits: &Limits,
+    s: &mut Reader,
+    uid: u32,
+    client: u64,
+) -> Incoming {
+    let cfg = limits.config();
+    match await_request(daemon, limits, s, client).await {
+        Between::Request => {}
+        Between::Left => return Incoming::Closed,
+        // said, so that a client sending just now knows its request was not served
+        Between::Idle => {
+            return Incoming::Refuse(err(
+                "idle",
+                Fault::Caller,
+                format!(
+                    "connection closed after {} ms without a request (limits.idle_timeout_ms); nothing sent on it since was served",
+                    cfg.idle_timeout_ms
+                ),
+            ))
+        }
+    }
+    let header_deadline = Instant::now() + Duration::from_millis(cfg.header_timeout_ms);
+    let head = async {
+        let mut len = [0u8; 4];
+        s.read_exact(&mut len).await?;
+        let hlen = header_len(len)?;
+        // the header's bytes count against the budget while they are read
+        let budget = match limits.reserve(uid, hlen as u64, header_deadline).await {
+            Ok(b) => b,
+            Err(r) => return Ok(Err(limit_err(&r))),
+        };
+        let h = read_bytes_async(s, hlen).await?;
+        drop(budget);
+        let mut plen = [0u8; 8];
+        s.read_exact(&mut plen).await?;
+        Ok::<_, FrameError>(Ok((h, payload_len(plen)? as u64)))
+    };
+    let (h, plen) = match tokio::time::timeout_at(
+        tokio::time::Instant::from_std(header_deadline),
+        head,
+    )
+    .await
+    {
+        Ok(Ok(Ok(x))) => x,
+        Ok(Ok(Err(reply))) => return Incoming::Refuse(reply),
+        Ok(Err(FrameError::Io(e))) => {
+            tracing::debug!("client connection failed mid-frame: {e}");
+            return Incoming::Closed;
+        }
+        Ok(Err(e)) => return Incoming::Refuse(err("protocol", Fault::Caller, e)),
+        Err(_) => {
+            log_limited!(
+                FRAME_LOG,
+                info,
+                uid,
+                "closing a connection: frame header not complete within {} ms",
+                cfg.header_timeout_ms
+            );
+            return Incoming::Refuse(err(
+                "protocol",
+                Fault::Caller,
+                format!(
+                    "frame header not complete within {} ms (limits.header_timeout_ms)",
+                    cfg.header_timeout_ms
+                ),
+            ));
+        }
+    };
+    let req: Request = match decode_header(&h) {
+        Ok(r) => r,
+        Err(e) => return Incoming::Refuse(err("protocol", Fault::Caller, e)),
+    };
+    drop(h);
+    let limit = match payload_limit(daemon, &req, limits.privileged(uid)) {
+        Ok(l) => l,
+        Err(what) if plen > 0 => {
+            return Incoming::Refuse(err(
+                "permission",
+                Fault::Caller,
+                format!("{what} needs root or the daemon's user"),
+            ))
+        }
+        // no payload: the request itself is refused with the same reason
+        Err(_) => 0,
+    };
+    let body_deadline = Instant::now() + Duration::from_millis(cfg.body_timeout_ms);
+    if plen > limit {
+        if let Request::Space(sr) = &req {
+            // a chunk over the slot size: the seed's WRITE_FAIL too-large, bytes dropped
+            let (kind, message) = match sr {
+                strata_client::SpaceRequest::StopWrite { len, .. } if plen != *len => (
+                    ReasonKind::Invalid,
+                    format!("stop_write of {len} bytes sent a buffer of {plen} bytes; the lease is still held"),
+                ),
+                _ => (
+                    ReasonKind::TooLarge,
+                    format!("a chunk of {plen} bytes is over the space's slot size of {limit}"),
+                ),
+            };
+            let deadline = tokio::time::Instant::from_std(body_deadline);
+            return match tokio::time::timeout_at(deadline, discard(s, plen)).await {
+                Ok(Ok(())) => {
+                    Incoming::Answer(Reply::Space(strata_client::SpaceReply::WriteFail {
+                        reason: Some(Reason::new(kind, message)),
+                    }))
+                }
+                Ok(Err(_)) => Incoming::Closed,
+                Err(_) => Incoming::Refuse(err(
+                    "protocol",
+                    Fault::Caller,
+                    format!(
+                        "payload not complete within {} ms (limits.body_timeout_ms)",
+                        cfg.body_timeout_ms
+                    ),
+                )),
+            };
+        }
+        return Incoming::Refuse(err(
+            "protocol",
+            Fault::Caller,
+            format!(
+                "a payload of {plen} bytes is over the limit of {limit} for this request (op {})",
+                op_name(&req)
+            ),
+        ));
+    }
+    let budget = match limits.reserve(uid, plen, body_deadline).await {
+        Ok(b) => b,
+        Err(r) => return Incoming::Refuse(limit_err(&r)),
+    };
+    let payload = if plen == 0 {
+        Vec::new()
+    } else {
+        let deadline = tokio::time::Instant::from_std(body_deadline);
+        match tokio::time::timeout_at(deadline, read_bytes_async(s, plen as usize)).await {
+            Ok(Ok(p)) => p,
+            Ok(Err(e)) => {
+                tracing::debug!("client connection failed mid-payload: {e}");
+                return Incoming::Closed;
+            }
+            Err(_) => {
+                log_limited!(
+                    FRAME_LOG,
+                    info,
+                    uid,
+                    "closing a connection: payload not complete within {} ms",
+                    cfg.body_timeout_ms
+                );
+                return Incoming::Refuse(err(
+                    "protocol",
+                    Fault::Caller,
+                    format!(
+                        "payload not complete within {} ms (limits.body_timeout_ms)",
+                        cfg.body_timeout_ms
+                    ),
+                ));
+            }
+        }
+    };
+    Incoming::Frame(req, payload, budget)
+}
+
+/// The request's `op` as on the wire (for messages).
+fn op_name(req: &Request) -> String {
+    serde_json::to_value(req)
+        .ok()
+        .and_then(|v| v.get("op").and_then(|o| o.as_str()).map(str::to_string))
+        .unwrap_or_default()
+}
+
+async fn serve_conn(daemon: Arc<Daemon>, limits: Arc<Limits>, s: UnixStream, slot: ConnSlot) {
     let cred = s.peer_cred().ok();
     let uid = cred.as_ref().map(|c| c.uid());
     let caller = Caller {
@@ -490,7 +771,8 @@ async fn serve_conn(daemon: Arc<Daemon>, s: UnixStream) {
     };
     let (r, mut w) = s.into_split();
     let mut r = tokio::io::BufReader::with_capacity(64 << 10, r);
-    serve_requests(&daemon, &mut r, &mut w, uid, caller).await;
+    serve_requests(&daemon, &limits, &mut r, &mut w, uid, caller).await;
+    drop(slot);
     let d = daemon.clone();
     let _ = tokio::task::spawn_blocking(move || {
         d.spaces.disconnect(caller.client);
@@ -499,16 +781,53 @@ async fn serve_conn(daemon: Arc<Daemon>, s: UnixStream) {
     .await;
 }
 
+/// Run a request on the blocking pool.
+async fn blocking(daemon: &Arc<Daemon>, req: Request, payload: Vec<u8>, uid: Option<u32>) -> Reply {
+    let d = daemon.clone();
+    match tokio::task::spawn_blocking(move || d.handle(req, payload, uid)).await {
+        Ok(r) => r,
+        Err(e) => err(
+            "internal",
+            Fault::Host,
+            format!("request handler failed: {e}"),
+        ),
+    }
+}
+
 async fn serve_requests(
     daemon: &Arc<Daemon>,
+    limits: &Arc<Limits>,
     s: &mut Reader,
     w: &mut OwnedWriteHalf,
     uid: Option<u32>,
     caller: Caller,
 ) {
+    let budget_uid = uid.unwrap_or(u32::MAX - 1);
+    let write_timeout = Duration::from_millis(limits.config().body_timeout_ms);
     loop {
-        let (reply, data) = match read_frame_async::<Request>(s).await {
-            Ok((Request::Dm(req), payload)) => {
+        let (req, payload, _budget) =
+            match next_request(daemon, limits, s, budget_uid, caller.client).await {
+                Incoming::Frame(req, payload, budget) => (req, payload, budget),
+                Incoming::Closed => return,
+                Incoming::Answer(reply) => {
+                    let sent =
+                        tokio::time::timeout(write_timeout, write_frame_async(w, &reply, b""))
+                            .await;
+                    if !matches!(sent, Ok(Ok(()))) {
+                        return;
+                    }
+                    continue;
+                }
+                Incoming::Refuse(reply) => {
+                    // framing is lost after a refused frame: answer, then close
+                    if let Ok(frame) = super::encode(&reply, b"") {
+                        let _ = tokio::time::timeout(write_timeout, w.write_all(&frame)).await;
+                    }
+                    return;
+                }
+            };
+        let (reply, data) = match req {
+            Request::Dm(req) => {
                 if !(uid == Some(0) || uid == Some(daemon.uid)) {
                     (
                         err(
@@ -525,53 +844,143 @@ async fn serve_requests(
                     }
                 }
             }
-            Ok((Request::Space(req), payload)) => {
-                match serve_space(daemon, s, caller, req, payload).await {
-                    Some(x) => x,
-                    None => return,
-                }
-            }
-            Ok((req, payload)) => {
-                let d = daemon.clone();
-                let r = match tokio::task::spawn_blocking(move || d.handle(req, payload, uid)).await
-                {
-                    Ok(r) => r,
-                    Err(e) => err(
-                        "internal",
-                        Fault::Host,
-                        format!("request handler failed: {e}"),
-                    ),
+            Request::Space(req) => match serve_space(daemon, s, caller, req, payload).await {
+                Some(x) => x,
+                None => return,
+            },
+            // in memory and cheap: answered here, never queued behind the blocking pool
+            Request::Status => (daemon.handle(Request::Status, payload, uid), vec![]),
+            // plugin calls take a turn (bounded in all and per uid), then a blocking thread
+            req @ (Request::Place { .. } | Request::Rebalance { .. }) => {
+                let turn = tokio::select! {
+                    t = limits.plugin_call(budget_uid) => t,
+                    _ = closed(s) => return,
                 };
+                let r = blocking(daemon, req, payload, uid).await;
+                drop(turn);
                 (r, vec![])
             }
-            Err(FrameError::Closed) => return,
-            Err(FrameError::Io(e)) => {
-                tracing::debug!("client connection failed: {e}");
-                return;
-            }
-            Err(e) => {
-                // Framing is lost after a bad frame: answer, then close.
-                if let Ok(frame) = super::encode(&err("protocol", Fault::Caller, e), b"") {
-                    let _ = w.write_all(&frame).await;
+            req => (blocking(daemon, req, payload, uid).await, vec![]),
+        };
+        let send = async {
+            match write_frame_async(w, &reply, &data).await {
+                Ok(()) => true,
+                Err(e) if e.kind() == std::io::ErrorKind::Other => {
+                    tracing::error!("cannot encode a reply: {e}");
+                    let r = err(
+                        "internal",
+                        Fault::Host,
+                        format!("cannot encode the reply: {e}"),
+                    );
+                    write_frame_async(w, &r, b"").await.is_ok()
                 }
-                return;
+                Err(_) => false,
             }
         };
-        let sent = match write_frame_async(w, &reply, &data).await {
-            Ok(()) => true,
-            Err(e) if e.kind() == std::io::ErrorKind::Other => {
-                tracing::error!("cannot encode a reply: {e}");
-                let r = err(
-                    "internal",
-                    Fault::Host,
-                    format!("cannot encode the reply: {e}"),
-                );
-                write_frame_async(w, &r, b"").await.is_ok()
-            }
-            Err(_) => false,
-        };
+        // a peer that does not read its reply is dropped after the body deadline
+        let sent = tokio::time::timeout(write_timeout, send)
+            .await
+            .unwrap_or(false);
         if !sent {
             return;
+        }
+    }
+}
+
+/// Refuse a connection: one error frame (if the socket takes it at once), then close. It
+/// costs no task and no log line of its own (refusals are logged rate-limited).
+fn refuse(mut s: std::os::unix::net::UnixStream, why: &Refusal) {
+    use std::io::Write;
+    if let Ok(frame) = super::encode(&limit_err(why), b"") {
+        // a fresh socket's send buffer is empty: a small frame fits without blocking
+        let _ = s.set_nonblocking(true);
+        let _ = s.write(&frame);
+    }
+}
+
+/// A descriptor kept open so that, when the daemon runs out of them, it can still accept
+/// (and refuse) the connection at the head of the queue instead of spinning on EMFILE.
+fn reserve_fd() -> Option<std::fs::File> {
+    std::fs::File::open("/dev/null").ok()
+}
+
+fn out_of_fds(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE))
+}
+
+/// The uid of a connection's peer (SO_PEERCRED); without one, a uid of its own that no
+/// user has.
+fn peer_uid(s: &std::os::unix::net::UnixStream) -> u32 {
+    rustix::net::sockopt::socket_peercred(s)
+        .map(|c| c.uid.as_raw())
+        .unwrap_or(u32::MAX - 1)
+}
+
+/// Accept connections on a thread of their own, in plain blocking calls: a flood of
+/// connections to refuse (accept, SO_PEERCRED, one write, close) never goes through the
+/// async reactor nor waits behind its tasks, so a new connection from root is reached
+/// quickly. Admitted connections are handed to the runtime. Out of descriptors, the loop
+/// refuses with a reserve descriptor and backs off.
+fn accept_loop(
+    rt: tokio::runtime::Handle,
+    daemon: Arc<Daemon>,
+    limits: Arc<Limits>,
+    listener: std::os::unix::net::UnixListener,
+) {
+    let mut reserve = reserve_fd();
+    let mut backoff = Duration::from_millis(10);
+    loop {
+        match listener.accept() {
+            Ok((s, _)) => {
+                backoff = Duration::from_millis(10);
+                let uid = peer_uid(&s);
+                match limits.admit(uid) {
+                    Ok(slot) => {
+                        let (daemon, limits) = (daemon.clone(), limits.clone());
+                        rt.spawn(async move {
+                            let s = match s
+                                .set_nonblocking(true)
+                                .and_then(|()| UnixStream::from_std(s))
+                            {
+                                Ok(s) => s,
+                                Err(e) => {
+                                    log_limited!(
+                                        ACCEPT_LOG,
+                                        warn,
+                                        "cannot serve a connection: {e}"
+                                    );
+                                    return;
+                                }
+                            };
+                            serve_conn(daemon, limits, s, slot).await
+                        });
+                    }
+                    Err(why) => {
+                        log_limited!(REFUSED_LOG, warn, uid, "connection refused: {why}");
+                        refuse(s, &why);
+                    }
+                }
+            }
+            Err(e) if out_of_fds(&e) => {
+                log_limited!(
+                    ACCEPT_LOG,
+                    error,
+                    "accept failed: {e}; refusing connections until descriptors free up"
+                );
+                // give up the reserve to take the waiting connection off the queue and
+                // refuse it, then wait a little for descriptors to close
+                drop(reserve.take());
+                if let Ok((s, _)) = listener.accept() {
+                    refuse(s, &Refusal::OutOfFds);
+                }
+                reserve = reserve_fd();
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+            }
+            Err(e) => {
+                log_limited!(ACCEPT_LOG, warn, "accept failed: {e}");
+                std::thread::sleep(Duration::from_millis(1));
+            }
         }
     }
 }
@@ -590,7 +999,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         std::fs::remove_file(&socket)?;
     }
     let daemon = Arc::new(tokio::task::spawn_blocking(move || Daemon::open(cfg)).await??);
-    let listener = UnixListener::bind(&socket)?;
+    let listener = std::os::unix::net::UnixListener::bind(&socket)?;
     {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o666))?;
@@ -624,15 +1033,17 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     };
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
-    loop {
-        tokio::select! {
-            a = listener.accept() => match a {
-                Ok((s, _)) => { tokio::spawn(serve_conn(daemon.clone(), s)); }
-                Err(e) => tracing::warn!("accept failed: {e}"),
-            },
-            _ = term.recv() => break,
-            _ = int.recv() => break,
-        }
+    let limits = Arc::new(Limits::new(daemon.cfg.limits.clone(), daemon.uid));
+    {
+        let (rt, d) = (tokio::runtime::Handle::current(), daemon.clone());
+        // ends with the process
+        std::thread::Builder::new()
+            .name("stratad-accept".into())
+            .spawn(move || accept_loop(rt, d, limits, listener))?;
+    }
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = int.recv() => {},
     }
     tracing::info!("stratad stopping");
     ticker.abort();

@@ -46,6 +46,7 @@ fn main() -> anyhow::Result<()> {
         .init();
     raise_fd_limit();
     let rt = tokio::runtime::Builder::new_multi_thread()
+        .max_blocking_threads(cfg.limits.max_blocking_threads)
         .enable_all()
         .build()?;
     rt.block_on(strata_runtime::api::server::run(cfg))

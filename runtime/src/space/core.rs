@@ -1202,6 +1202,11 @@ impl Core {
         (InvalidateOutcome::Invalidated, fx)
     }
 
+    /// Whether a connection holds a lease (it is not idle, however long it stays silent).
+    pub fn holds_lease(&self, client: ClientId) -> bool {
+        self.leases.values().any(|l| l.client == client)
+    }
+
     /// A connection closed: its leases are reclaimed (the chunks stay at their last
     /// published versions), its waits and queued requests dropped.
     pub fn disconnect(&mut self, client: ClientId) -> Vec<Effect> {

@@ -562,6 +562,30 @@ impl Spaces {
         }
     }
 
+    /// Whether connection `client` holds a lease (then it is never closed for idleness).
+    pub fn holds_lease(&self, client: u64) -> bool {
+        self.lock().core.holds_lease(client)
+    }
+
+    /// The largest payload a request may carry (checked from its header, before the payload
+    /// is read): a chunk for `write` (the space's slot size, or `max_slot_size` for a space
+    /// this host does not know) and `stop-write` (its `len`), nothing for the rest.
+    pub fn max_payload(&self, req: &SpaceRequest) -> u64 {
+        match req {
+            SpaceRequest::Write { space, .. } => self
+                .lock()
+                .core
+                .space_meta(space)
+                .map(|m| m.slot_size)
+                .unwrap_or(self.cfg.max_slot_size),
+            SpaceRequest::StopWrite { len, .. } => {
+                // a `len` over every slot is refused by the lease; its bytes are not read
+                (*len).min(self.cfg.max_slot_size)
+            }
+            _ => 0,
+        }
+    }
+
     /// A parked request's connection closed, or a connection ended: reclaim its leases.
     pub fn disconnect(&self, client: u64) {
         let mut g = self.lock();

@@ -4,7 +4,7 @@
 //! Leases (start_write, start_invalidate) belong to the connection: closing it (or the
 //! process dying) gives them back, and the chunk stays at its last published version.
 
-use crate::frame::{read_frame, write_frame, FrameError};
+use crate::frame::exchange;
 use crate::ops::{self, CacheSet, ClientError, Grant, Lookup};
 use crate::proto::*;
 use crate::shm::raw::{LeaseWindow, Mapping};
@@ -252,10 +252,28 @@ impl Client {
         header: &T,
         payload: &[u8],
     ) -> Result<(String, serde_json::Value, Vec<u8>), ClientError> {
-        write_frame(&mut self.s, header, payload).map_err(FrameError::Io)?;
-        let (reply, data): (serde_json::Value, Vec<u8>) = read_frame(&mut self.r)?;
+        let (reply, data) = self.round_trip(header, payload)?;
         let (kind, value) = ops::unwrap_reply(reply)?;
         Ok((kind, value, data))
+    }
+
+    /// One request and its reply. A connection the daemon closed for idleness (after
+    /// `limits.idle_timeout_ms` without a request; never one holding a lease) did not serve
+    /// the request: connect again and send it once more.
+    fn round_trip<T: serde::Serialize>(
+        &mut self,
+        header: &T,
+        payload: &[u8],
+    ) -> Result<(serde_json::Value, Vec<u8>), ClientError> {
+        let (reply, data): (serde_json::Value, Vec<u8>) =
+            exchange(&mut self.s, &mut self.r, header, payload)?;
+        if !ops::is_idle_close(&reply) {
+            return Ok((reply, data));
+        }
+        let fresh = Client::connect(&self.socket)?;
+        self.s = fresh.s;
+        self.r = fresh.r;
+        Ok(exchange(&mut self.s, &mut self.r, header, payload)?)
     }
 
     fn space(
@@ -264,8 +282,7 @@ impl Client {
         payload: &[u8],
     ) -> Result<(SpaceReply, Vec<u8>), ClientError> {
         let env = ops::envelope(req)?;
-        write_frame(&mut self.s, &env, payload).map_err(FrameError::Io)?;
-        let (reply, data): (serde_json::Value, Vec<u8>) = read_frame(&mut self.r)?;
+        let (reply, data) = self.round_trip(&env, payload)?;
         Ok((ops::space_reply(reply)?, data))
     }
 

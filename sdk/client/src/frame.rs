@@ -6,6 +6,11 @@
 //! u64 BE  payload length (<= 256 MiB; 0 when there is none)
 //! bytes   payload: raw bytes (components, chunk data), never re-encoded
 //! ```
+//!
+//! Readers never allocate a declared length up front: header and payload buffers grow as
+//! their bytes arrive (a peer that announces 256 MiB and sends nothing costs nothing). The
+//! daemon checks the header's op before reading any payload (per-op limits, see
+//! `docs/protocol.md`, "Limits"), with [`header_len`], [`payload_len`] and `read_bytes_async`.
 
 use serde::{Deserialize, Serialize};
 use std::io::{Read, Write};
@@ -102,6 +107,20 @@ pub fn decode_header<T: for<'de> Deserialize<'de>>(h: &[u8]) -> Result<T, FrameE
     serde_json::from_slice(h).map_err(|e| FrameError::BadHeader(e.to_string()))
 }
 
+/// First allocation for a buffer of a declared length: what arrives beyond it grows the
+/// buffer as it comes.
+const FIRST_ALLOC: usize = 64 << 10;
+
+/// Read exactly `len` bytes (blocking) into a buffer that grows as they arrive.
+pub fn read_bytes(r: &mut impl Read, len: usize) -> std::io::Result<Vec<u8>> {
+    let mut v = Vec::with_capacity(len.min(FIRST_ALLOC));
+    r.take(len as u64).read_to_end(&mut v)?;
+    if v.len() != len {
+        return Err(std::io::ErrorKind::UnexpectedEof.into());
+    }
+    Ok(v)
+}
+
 /// Read one frame (blocking).
 pub fn read_frame<T: for<'de> Deserialize<'de>>(
     r: &mut impl Read,
@@ -112,13 +131,65 @@ pub fn read_frame<T: for<'de> Deserialize<'de>>(
         Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Err(FrameError::Closed),
         Err(e) => return Err(e.into()),
     }
-    let mut h = vec![0u8; header_len(len)?];
-    r.read_exact(&mut h)?;
+    let h = read_bytes(r, header_len(len)?)?;
     let mut plen = [0u8; 8];
     r.read_exact(&mut plen)?;
-    let mut p = vec![0u8; payload_len(plen)?];
-    r.read_exact(&mut p)?;
+    let p = read_bytes(r, payload_len(plen)?)?;
     Ok((decode_header(&h)?, p))
+}
+
+/// Read exactly `len` bytes (async) into a buffer that grows as they arrive.
+#[cfg(feature = "tokio")]
+pub async fn read_bytes_async(
+    r: &mut (impl tokio::io::AsyncRead + Unpin),
+    len: usize,
+) -> std::io::Result<Vec<u8>> {
+    use tokio::io::AsyncReadExt;
+    let mut v = Vec::with_capacity(len.min(FIRST_ALLOC));
+    (&mut *r).take(len as u64).read_to_end(&mut v).await?;
+    if v.len() != len {
+        return Err(std::io::ErrorKind::UnexpectedEof.into());
+    }
+    Ok(v)
+}
+
+/// Whether a failed send may have been answered: the daemon refused the connection or the
+/// request (an error frame) and closed before it read what was sent.
+fn may_have_answer(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+    )
+}
+
+/// Send a request and read its reply (blocking). When the send fails because the daemon
+/// closed the connection, the reply it sent before closing (a refusal by a limit, see
+/// `docs/protocol.md`) is read and returned rather than the bare send error.
+pub fn exchange<T: for<'de> Deserialize<'de>, H: Serialize>(
+    w: &mut impl Write,
+    r: &mut impl Read,
+    header: &H,
+    payload: &[u8],
+) -> Result<(T, Vec<u8>), FrameError> {
+    match write_frame(w, header, payload) {
+        Ok(()) => read_frame(r),
+        Err(e) if may_have_answer(&e) => read_frame(r).map_err(|_| FrameError::Io(e)),
+        Err(e) => Err(FrameError::Io(e)),
+    }
+}
+
+/// Send a request and read its reply (async; see [`exchange`]).
+#[cfg(feature = "tokio")]
+pub async fn exchange_async<T: for<'de> Deserialize<'de>, H: Serialize>(
+    s: &mut (impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin),
+    header: &H,
+    payload: &[u8],
+) -> Result<(T, Vec<u8>), FrameError> {
+    match write_frame_async(s, header, payload).await {
+        Ok(()) => read_frame_async(s).await,
+        Err(e) if may_have_answer(&e) => read_frame_async(s).await.map_err(|_| FrameError::Io(e)),
+        Err(e) => Err(FrameError::Io(e)),
+    }
 }
 
 /// Read one frame (async).
@@ -133,12 +204,10 @@ pub async fn read_frame_async<T: for<'de> Deserialize<'de>>(
         Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Err(FrameError::Closed),
         Err(e) => return Err(e.into()),
     }
-    let mut h = vec![0u8; header_len(len)?];
-    r.read_exact(&mut h).await?;
+    let h = read_bytes_async(r, header_len(len)?).await?;
     let mut plen = [0u8; 8];
     r.read_exact(&mut plen).await?;
-    let mut p = vec![0u8; payload_len(plen)?];
-    r.read_exact(&mut p).await?;
+    let p = read_bytes_async(r, payload_len(plen)?).await?;
     Ok((decode_header(&h)?, p))
 }
 

@@ -2,16 +2,17 @@
 //! served without awaiting anything.
 
 use crate::blocking::{RwMaps, StartWriteStatus, WriteLease};
-use crate::frame::{read_frame_async, write_frame_async, FrameError};
+use crate::frame::exchange_async;
 use crate::ops::{self, CacheSet, ClientError, Lookup};
 use crate::proto::*;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tokio::net::UnixStream;
 
 /// An async connection to `stratad`.
 pub struct AsyncClient {
     s: UnixStream,
+    socket: PathBuf,
     caches: CacheSet,
     rw: RwMaps,
     use_cache: bool,
@@ -34,6 +35,7 @@ impl AsyncClient {
             })?;
         Ok(AsyncClient {
             s,
+            socket: path.to_owned(),
             caches: CacheSet::default(),
             rw: RwMaps::default(),
             use_cache: true,
@@ -57,10 +59,19 @@ impl AsyncClient {
         payload: &[u8],
     ) -> Result<(SpaceReply, Vec<u8>), ClientError> {
         let env = ops::envelope(&req)?;
-        write_frame_async(&mut self.s, &env, payload)
-            .await
-            .map_err(FrameError::Io)?;
-        let (reply, data): (serde_json::Value, Vec<u8>) = read_frame_async(&mut self.s).await?;
+        let (mut reply, mut data): (serde_json::Value, Vec<u8>) =
+            exchange_async(&mut self.s, &env, payload).await?;
+        if ops::is_idle_close(&reply) {
+            // closed for idleness before the request was read: connect again, send again
+            let path = self.socket.clone();
+            self.s = UnixStream::connect(&path)
+                .await
+                .map_err(|source| ClientError::Connect {
+                    path: path.display().to_string(),
+                    source,
+                })?;
+            (reply, data) = exchange_async(&mut self.s, &env, payload).await?;
+        }
         Ok((ops::space_reply(reply)?, data))
     }
 

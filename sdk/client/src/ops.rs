@@ -367,6 +367,12 @@ pub(crate) fn report_repair(space: &str, what: &str, report: &str) {
     );
 }
 
+/// Whether a reply says the daemon closed the connection for idleness before reading the
+/// request (`{"reply":"error","value":{"kind":"idle",...}}`): the request was not served.
+pub(crate) fn is_idle_close(reply: &serde_json::Value) -> bool {
+    reply["reply"] == "error" && reply["value"]["kind"] == "idle"
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
