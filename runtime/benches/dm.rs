@@ -418,7 +418,7 @@ fn main() {
         file.set_len(total as u64).unwrap();
         file.write_all_at(&vec![1u8; total], 0).unwrap();
     }
-    let db = Arc::new(redb::Database::create(tmp.path().join("db.redb")).unwrap());
+    let db = Arc::new(strata_runtime::store::Db::open(&tmp.path().join("db.redb")).unwrap());
     let dm = Arc::new(Dm::open(&DmConfig::default(), db.clone()).unwrap());
     let mounts = Arc::new(Mounts::new(dm.clone()));
     let info = mounts.mount(&backing, &mnt, false).expect("mount");

@@ -25,6 +25,15 @@
 //! spawn_allow = ["/usr/bin/env"]      # programs `spawn` may start (exact paths)
 //! spawn_max_children_per_uid = 32     # live spawned programs per uid; more: SPAWNPROCESS_FAIL EAGAIN
 //! spawn_log_max_bytes = 8388608       # data_dir/spawn/<uid>.log rotates to <uid>.log.1 past this
+//! # quotas, charged to a space's owner; root and the daemon's own uid are exempt from
+//! # the per-uid ones, the host limits hold for everyone (docs/spaces.md, "Quotas")
+//! spaces_per_uid = 64                 # spaces (joined or not) one uid may own
+//! shm_bytes_per_uid = 1073741824      # bytes of cache regions of one uid's joined spaces
+//! durable_bytes_per_uid = 1073741824  # bytes of valid durable chunks in one uid's spaces
+//! chunks_per_uid = 100000             # chunk records (valid or not) in one uid's spaces
+//! max_spaces = 4096                   # spaces on this host
+//! max_shm_bytes = 8589934592          # bytes of cache regions on this host (default: half
+//!                                     # of the shm_dir filesystem, at least 1 GiB)
 //!
 //! [dm]
 //! event_timeout_ms = 60000            # a synchronous event unanswered this long fails...
@@ -162,6 +171,19 @@ pub struct SpaceConfig {
     pub spawn_max_children_per_uid: usize,
     /// Size at which a uid's spawn output log is rotated (one old generation is kept).
     pub spawn_log_max_bytes: u64,
+    /// Spaces one uid may own (root and the daemon's uid are exempt).
+    pub spaces_per_uid: u64,
+    /// Bytes of cache regions (/dev/shm) of one uid's joined spaces.
+    pub shm_bytes_per_uid: u64,
+    /// Bytes of valid durable chunks in one uid's spaces.
+    pub durable_bytes_per_uid: u64,
+    /// Chunk records in one uid's spaces.
+    pub chunks_per_uid: u64,
+    /// Spaces on this host (everyone).
+    pub max_spaces: u64,
+    /// Bytes of cache regions on this host (everyone); `None`: half the size of the
+    /// `shm_dir` filesystem (at least 1 GiB).
+    pub max_shm_bytes: Option<u64>,
 }
 
 impl Default for SpaceConfig {
@@ -177,6 +199,12 @@ impl Default for SpaceConfig {
             spawn_allow: Vec::new(),
             spawn_max_children_per_uid: 32,
             spawn_log_max_bytes: 8 << 20,
+            spaces_per_uid: 64,
+            shm_bytes_per_uid: 1 << 30,
+            durable_bytes_per_uid: 1 << 30,
+            chunks_per_uid: 100_000,
+            max_spaces: 4096,
+            max_shm_bytes: None,
         }
     }
 }
@@ -267,12 +295,10 @@ impl Config {
             sp.lease_timeout_ms > 0,
             "spaces.lease_timeout_ms must be positive"
         );
-        anyhow::ensure!(
-            sp.host_id
-                .as_deref()
-                .is_none_or(|h| !h.is_empty() && h.len() <= 255),
-            "spaces.host_id must be 1-255 bytes"
-        );
+        if let Some(h) = sp.host_id.as_deref() {
+            crate::space::core::check_host_id(h)
+                .map_err(|r| anyhow::anyhow!("spaces.host_id: {}", r.message))?;
+        }
         anyhow::ensure!(
             sp.spawn_allow.iter().all(|p| p.is_absolute()),
             "spaces.spawn_allow entries must be absolute paths"
@@ -329,6 +355,16 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn host_ids_with_control_characters_are_refused() {
+        for bad in ["a\\nb", "a b", "", "x\\u001b[31m"] {
+            let c: Config = toml::from_str(&format!("[spaces]\nhost_id = \"{bad}\"")).unwrap();
+            assert!(c.check().is_err(), "{bad:?} accepted");
+        }
+        let c: Config = toml::from_str("[spaces]\nhost_id = \"node-1.example\"").unwrap();
+        c.check().unwrap();
+    }
 
     #[test]
     fn empty_config_is_defaults_and_unknown_keys_fail() {

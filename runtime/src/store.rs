@@ -12,13 +12,22 @@
 //! Everything under `data_dir` is the daemon's alone: directories 0700, files 0600, set at
 //! creation and, for a directory left by an older version, at every start
 //! ([`prepare_data_dir`]).
+//!
+//! Every user of `meta.redb` (spaces, DM records, plugin slots, plugin kv, attachments)
+//! goes through one [`Db`]: redb latches the first I/O error of a commit (a full disk) and
+//! answers every later operation with `PreviousIo` until the database is opened again.
+//! [`Db`] notices that and reopens the file transparently (redb recovers it on open), so the
+//! daemon serves again by itself once space comes back; until then writes fail with the
+//! I/O error and nothing is acknowledged.
 
 use crate::plugin::{PluginKind, SlotSettings};
-use redb::{ReadableDatabase, ReadableTable};
+use redb::ReadableTable;
 use serde::{Deserialize, Serialize};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 /// Create `data_dir` (0700) if needed, refuse one that belongs to another user, and take
 /// group and other access away from everything in it (directories 0700, files 0600;
@@ -107,9 +116,202 @@ pub struct RecordedVersion {
     pub settings: SlotSettings,
 }
 
+/// After a failed commit or reopen, the next reopen waits this long (a reopen after a
+/// failed commit runs redb's recovery, which reads the whole file); meanwhile transactions
+/// fail at once with the last error.
+const REOPEN_BACKOFF: Duration = Duration::from_millis(200);
+
+/// Whether the open database is poisoned, and the last failure (for the back-off).
+#[derive(Default)]
+struct Health {
+    poisoned: AtomicBool,
+    last_failure: Mutex<Option<(Instant, String)>>,
+}
+
+impl Health {
+    fn failed(&self, why: String) {
+        self.poisoned.store(true, Ordering::Release);
+        *self.last_failure.lock().unwrap_or_else(|p| p.into_inner()) = Some((Instant::now(), why));
+    }
+
+    fn poisoned(&self) -> bool {
+        self.poisoned.load(Ordering::Acquire)
+    }
+}
+
+/// The metadata database (`meta.redb`), reopened after an I/O error poisoned it.
+///
+/// Use it as a `redb::Database`: [`Db::begin_write`] and [`Db::begin_read`] return redb's
+/// transactions (a write transaction wrapped so that a failed commit is noticed).
+pub struct Db {
+    path: PathBuf,
+    /// `None` while closed after a failure (the next use opens it again).
+    inner: RwLock<Option<Arc<redb::Database>>>,
+    /// Whether a commit failed (the open database refuses everything until reopened).
+    health: Arc<Health>,
+}
+
+/// Why the database could not be used.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DbError {
+    /// A transaction could not begin.
+    #[error(transparent)]
+    Transaction(#[from] redb::TransactionError),
+    /// The database failed (disk full?) and is not open again yet.
+    #[error("the metadata store is unavailable after an I/O error: {0}")]
+    Unavailable(String),
+}
+
+/// A write transaction of a [`Db`]: a redb `WriteTransaction` whose failed commit marks the
+/// database for reopening.
+pub struct WriteTxn {
+    tx: redb::WriteTransaction,
+    health: Arc<Health>,
+}
+
+impl std::ops::Deref for WriteTxn {
+    type Target = redb::WriteTransaction;
+    fn deref(&self) -> &redb::WriteTransaction {
+        &self.tx
+    }
+}
+
+impl std::ops::DerefMut for WriteTxn {
+    fn deref_mut(&mut self) -> &mut redb::WriteTransaction {
+        &mut self.tx
+    }
+}
+
+impl WriteTxn {
+    /// Commit; a failure (an I/O error) poisons redb's database, so it is reopened before
+    /// a later transaction.
+    pub fn commit(self) -> Result<(), redb::CommitError> {
+        let r = self.tx.commit();
+        if let Err(e) = &r {
+            self.health.failed(e.to_string());
+        }
+        r
+    }
+
+    /// Abort.
+    pub fn abort(self) -> Result<(), redb::StorageError> {
+        self.tx.abort()
+    }
+}
+
+fn previous_io(e: &redb::TransactionError) -> bool {
+    matches!(
+        e,
+        redb::TransactionError::Storage(redb::StorageError::PreviousIo)
+    )
+}
+
+impl Db {
+    /// Open (or create) the database file.
+    pub fn open(path: &Path) -> anyhow::Result<Db> {
+        let db = redb::Database::create(path)
+            .map_err(|e| anyhow::anyhow!("cannot open {}: {e}", path.display()))?;
+        Ok(Db {
+            path: path.to_owned(),
+            inner: RwLock::new(Some(Arc::new(db))),
+            health: Arc::new(Health::default()),
+        })
+    }
+
+    /// The open database, reopened first when an earlier commit failed.
+    fn current(&self) -> Result<Arc<redb::Database>, DbError> {
+        if !self.health.poisoned() {
+            if let Some(db) = self
+                .inner
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_ref()
+            {
+                return Ok(db.clone());
+            }
+        }
+        self.reopen()
+    }
+
+    /// Close the poisoned database and open the file again (redb repairs it on open).
+    fn reopen(&self) -> Result<Arc<redb::Database>, DbError> {
+        let mut g = self.inner.write().unwrap_or_else(|p| p.into_inner());
+        if !self.health.poisoned() {
+            if let Some(db) = g.as_ref() {
+                // another thread reopened it meanwhile
+                return Ok(db.clone());
+            }
+        }
+        if let Some((at, why)) = self
+            .health
+            .last_failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
+            if at.elapsed() < REOPEN_BACKOFF {
+                return Err(DbError::Unavailable(why.clone()));
+            }
+        }
+        // the file lock is held until every handle of the old database is gone
+        *g = None;
+        match redb::Database::create(&self.path) {
+            Ok(db) => {
+                let db = Arc::new(db);
+                *g = Some(db.clone());
+                self.health.poisoned.store(false, Ordering::Release);
+                tracing::warn!(path = %self.path.display(), "metadata store reopened after an I/O error");
+                Ok(db)
+            }
+            Err(e) => {
+                let why = e.to_string();
+                tracing::error!(path = %self.path.display(), "cannot reopen the metadata store: {why}");
+                self.health.failed(why.clone());
+                Err(DbError::Unavailable(why))
+            }
+        }
+    }
+
+    /// Begin a write transaction (reopening the database if an I/O error poisoned it).
+    pub fn begin_write(&self) -> Result<WriteTxn, DbError> {
+        let db = self.current()?;
+        let tx = match db.begin_write() {
+            Err(e) if previous_io(&e) => {
+                drop(db);
+                // latched by an earlier failure: reopen now (the back-off counts from a
+                // failure this wrapper saw)
+                self.health.poisoned.store(true, Ordering::Release);
+                self.reopen()?.begin_write()?
+            }
+            r => r?,
+        };
+        Ok(WriteTxn {
+            tx,
+            health: self.health.clone(),
+        })
+    }
+
+    /// Begin a read transaction (reopening the database if an I/O error poisoned it).
+    pub fn begin_read(&self) -> Result<redb::ReadTransaction, DbError> {
+        use redb::ReadableDatabase;
+        let db = self.current()?;
+        match db.begin_read() {
+            Err(e) if previous_io(&e) => {
+                drop(db);
+                // latched by an earlier failure: reopen now (the back-off counts from a
+                // failure this wrapper saw)
+                self.health.poisoned.store(true, Ordering::Release);
+                Ok(self.reopen()?.begin_read()?)
+            }
+            r => Ok(r?),
+        }
+    }
+}
+
 /// The daemon's metadata store.
 pub struct Store {
-    db: Arc<redb::Database>,
+    db: Arc<Db>,
     blobs: PathBuf,
 }
 
@@ -127,9 +329,7 @@ impl Store {
             .truncate(false)
             .mode(0o600)
             .open(data_dir.join("meta.redb"))?;
-        let db = redb::Database::create(data_dir.join("meta.redb")).map_err(|e| {
-            anyhow::anyhow!("cannot open {}: {e}", data_dir.join("meta.redb").display())
-        })?;
+        let db = Db::open(&data_dir.join("meta.redb"))?;
         let w = db.begin_write()?;
         w.open_table(SLOTS)?;
         w.commit()?;
@@ -140,7 +340,7 @@ impl Store {
     }
 
     /// The database, shared with the plugin key-value store.
-    pub fn db(&self) -> Arc<redb::Database> {
+    pub fn db(&self) -> Arc<Db> {
         self.db.clone()
     }
 

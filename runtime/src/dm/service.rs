@@ -5,7 +5,7 @@
 use super::core::{Core, OpId, Output, Raised, WaiterId};
 use super::handle::{Handle, HandleKind};
 use super::{DmError, DmReply, DmRequest, EventData, EventSet, EventType, FsId, Response, Token};
-use redb::{ReadableDatabase, ReadableTable};
+use redb::ReadableTable;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{mpsc, Arc, Mutex, MutexGuard};
@@ -122,12 +122,12 @@ pub struct Dm {
     max_sessions: usize,
     inner: Mutex<Inner>,
     epoch: Instant,
-    db: Arc<redb::Database>,
+    db: Arc<crate::store::Db>,
 }
 
 impl Dm {
     /// The DM service, with the sessions recorded in `db`.
-    pub fn open(cfg: &DmConfig, db: Arc<redb::Database>) -> anyhow::Result<Dm> {
+    pub fn open(cfg: &DmConfig, db: Arc<crate::store::Db>) -> anyhow::Result<Dm> {
         let mut core = Core::new(cfg.event_timeout_ms, cfg.timeout_errno);
         let w = db.begin_write()?;
         w.open_table(SESSIONS)?;

@@ -14,7 +14,7 @@ use crate::dm::handle::Handle;
 use crate::dm::service::DmStep;
 use crate::dm::{self as dm, DmReply, DmRequest, EventSet, EventType, SessionId, Token};
 use crate::plugin::{self as wit, DmBackend, PluginHost};
-use redb::{ReadableDatabase, ReadableTable};
+use redb::ReadableTable;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -79,7 +79,7 @@ struct Attached {
 /// The attachments of policies to filesystems.
 pub struct Router {
     mounts: Arc<Mounts>,
-    db: Arc<redb::Database>,
+    db: Arc<crate::store::Db>,
     attached: Mutex<HashMap<String, Attached>>,
     /// Attaches and detaches one at a time (a name is checked and taken atomically).
     changing: Mutex<()>,
@@ -115,7 +115,7 @@ fn ok(r: DmReply) -> Result<DmReply, dm::DmError> {
 
 impl Router {
     /// No attachments yet (see [`Router::restore`]).
-    pub fn new(mounts: Arc<Mounts>, db: Arc<redb::Database>) -> anyhow::Result<Router> {
+    pub fn new(mounts: Arc<Mounts>, db: Arc<crate::store::Db>) -> anyhow::Result<Router> {
         let w = db.begin_write()?;
         w.open_table(ATTACHMENTS)?;
         w.commit()?;

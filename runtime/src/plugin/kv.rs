@@ -4,7 +4,7 @@
 //! slot, not to a version: a hot swap or a daemon restart keeps them. Two backends: memory
 //! (tests, volatile daemons) and redb (the daemon's metadata store).
 
-use redb::{ReadableDatabase, ReadableTable};
+use redb::ReadableTable;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
@@ -123,7 +123,7 @@ const USAGE: redb::TableDefinition<&str, &[u8]> = redb::TableDefinition::new("pl
 
 /// Store in the daemon's redb database. Every `set`/`delete` is one durable transaction.
 pub struct RedbKv {
-    db: Arc<redb::Database>,
+    db: Arc<crate::store::Db>,
 }
 
 fn scoped(slot: &str, key: &str) -> Vec<u8> {
@@ -157,7 +157,7 @@ fn encode_usage(keys: u64, bytes: u64) -> [u8; 16] {
 
 impl RedbKv {
     /// Use (and create the tables of) `db`.
-    pub fn new(db: Arc<redb::Database>) -> Result<Self, KvError> {
+    pub fn new(db: Arc<crate::store::Db>) -> Result<Self, KvError> {
         let w = db.begin_write().map_err(unavailable)?;
         w.open_table(KV).map_err(unavailable)?;
         w.open_table(USAGE).map_err(unavailable)?;
@@ -287,10 +287,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("m.redb");
         {
-            let db = Arc::new(redb::Database::create(&path).unwrap());
+            let db = Arc::new(crate::store::Db::open(&path).unwrap());
             exercise(&RedbKv::new(db).unwrap());
         }
-        let db = Arc::new(redb::Database::create(&path).unwrap());
+        let db = Arc::new(crate::store::Db::open(&path).unwrap());
         let kv = RedbKv::new(db).unwrap();
         assert_eq!(kv.get("a", "x.2").unwrap().as_deref(), Some(&b"TWO"[..]));
     }

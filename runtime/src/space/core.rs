@@ -13,8 +13,34 @@ use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use strata_client::shm::{name_hash, EntryValue, Geometry};
 use strata_client::{
-    check_chunk_name, check_space_name, ChunkEntry, ChunkList, Reason, ReasonKind,
+    check_chunk_name, check_space_name, ChunkEntry, ChunkList, Reason, ReasonKind, CHUNK_PAGE,
 };
+
+/// Check a host id (config and requests): 1-255 bytes, printable, no whitespace or control
+/// characters, so that it can be logged and listed as is.
+pub fn check_host_id(host: &str) -> Result<(), Reason> {
+    if !host.is_empty()
+        && host.len() <= 255
+        && host
+            .chars()
+            .all(|ch| !ch.is_control() && !ch.is_whitespace())
+    {
+        Ok(())
+    } else {
+        Err(reason(
+            ReasonKind::BadName,
+            format!(
+                "host id {} is not 1-255 bytes of printable characters without spaces",
+                escape(&host.chars().take(80).collect::<String>())
+            ),
+        ))
+    }
+}
+
+/// A string from a client, safe to log: quoted, with control characters escaped.
+pub fn escape(s: &str) -> String {
+    format!("{s:?}")
+}
 
 /// A connection (leases and waits belong to it).
 pub type ClientId = u64;
@@ -57,7 +83,15 @@ pub struct SpaceMeta {
     pub joined: bool,
     /// Bumped each time the cache region is created.
     pub generation: u64,
+    /// Versions up to this one may have been handed out (volatile spaces: a new chunk's
+    /// first version is above it after a restart, so versions are never reused). Reserved
+    /// in blocks of [`VERSION_BLOCK`] and recorded before a version above it is published.
+    #[serde(default)]
+    pub versions_reserved: u64,
 }
+
+/// Versions a volatile space reserves at a time (one record per this many new versions).
+pub const VERSION_BLOCK: u64 = 1 << 16;
 
 impl SpaceMeta {
     /// The cache geometry.
@@ -94,6 +128,100 @@ pub struct Limits {
     pub max_slot_size: u64,
     /// Largest cache region of one space.
     pub max_cache_bytes: u64,
+    /// Quotas per uid and limits of the host.
+    pub quotas: Quotas,
+}
+
+/// Per-uid quotas (charged to a space's owner) and limits of the whole host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Quotas {
+    /// Spaces (joined or not) one uid may own.
+    pub spaces_per_uid: u64,
+    /// Bytes of cache regions (/dev/shm) of the joined spaces one uid owns.
+    pub shm_bytes_per_uid: u64,
+    /// Bytes of valid durable chunks in the spaces one uid owns.
+    pub durable_bytes_per_uid: u64,
+    /// Chunk records (valid or invalid) in the spaces one uid owns.
+    pub chunks_per_uid: u64,
+    /// Spaces on this host, all owners together.
+    pub max_spaces: u64,
+    /// Bytes of cache regions on this host, all owners together.
+    pub max_shm_bytes: u64,
+    /// Owners free of the per-uid quotas (root and the daemon's own uid); the host limits
+    /// hold for everyone.
+    pub exempt: Vec<u32>,
+}
+
+impl Quotas {
+    /// No quota at all.
+    pub fn unlimited() -> Quotas {
+        Quotas {
+            spaces_per_uid: u64::MAX,
+            shm_bytes_per_uid: u64::MAX,
+            durable_bytes_per_uid: u64::MAX,
+            chunks_per_uid: u64::MAX,
+            max_spaces: u64::MAX,
+            max_shm_bytes: u64::MAX,
+            exempt: vec![],
+        }
+    }
+}
+
+/// What one owner (or the host) uses, as charged against [`Quotas`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// Spaces.
+    pub spaces: u64,
+    /// Bytes of regions of joined spaces.
+    pub shm_bytes: u64,
+    /// Bytes of valid durable chunks.
+    pub durable_bytes: u64,
+    /// Bytes of durable writes being committed (reserved until they finish).
+    pub pending_bytes: u64,
+    /// Chunk records.
+    pub chunks: u64,
+}
+
+fn add(x: &mut u64, d: i128) {
+    *x = (*x as i128 + d).clamp(0, u64::MAX as i128) as u64;
+}
+
+impl Usage {
+    fn change(&mut self, spaces: i128, shm: i128, durable: i128, chunks: i128) {
+        add(&mut self.spaces, spaces);
+        add(&mut self.shm_bytes, shm);
+        add(&mut self.durable_bytes, durable);
+        add(&mut self.chunks, chunks);
+    }
+}
+
+/// Bytes a chunk state charges to its space's owner.
+fn stored_bytes(m: &ChunkMeta, volatile: bool) -> u64 {
+    if m.valid && !volatile {
+        m.len
+    } else {
+        0
+    }
+}
+
+fn over_quota(
+    what: &str,
+    uid: Option<u32>,
+    used: u64,
+    more: u64,
+    limit: u64,
+    setting: &str,
+) -> Reason {
+    let who = match uid {
+        Some(u) => format!("uid {u}"),
+        None => "this host".to_string(),
+    };
+    reason(
+        ReasonKind::Quota,
+        format!(
+            "{what} quota exceeded: {who} uses {used} and this needs {more} more, over the limit of {limit} (spaces.{setting})"
+        ),
+    )
 }
 
 /// A change the shell applies to a space's region (in order, before it lets go of the core).
@@ -267,6 +395,9 @@ pub struct StopPlan {
     pub len: u64,
     /// Whether the space is durable (persist before publishing).
     pub durable: bool,
+    /// The space's record with more versions reserved: store it before publishing (a
+    /// volatile space's version past its reservation).
+    pub reserve: Option<SpaceMeta>,
 }
 
 /// Invalidate outcome, in the seed's terms.
@@ -310,6 +441,8 @@ struct Lease {
     kind: LeaseKind,
     deadline: u64,
     committing: bool,
+    /// Bytes reserved against the owner's durable quota while committing.
+    pending: Option<u64>,
 }
 
 #[derive(Debug, Clone)]
@@ -337,6 +470,9 @@ struct Space {
     index: Vec<IndexUse>,
     removed: u32,
     queues: HashMap<String, VecDeque<Queued>>,
+    /// Every new version in this space is above this one (volatile spaces: the versions
+    /// reserved before a restart, and the chunks dropped when the host left the space).
+    floor: u64,
 }
 
 impl Space {
@@ -348,6 +484,7 @@ impl Space {
             removed: 0,
             chunks: HashMap::new(),
             queues: HashMap::new(),
+            floor: 0,
             meta,
         }
     }
@@ -364,6 +501,10 @@ pub struct Core {
     next_id: u64,
     now: u64,
     uses: u64,
+    /// What each space owner uses.
+    usage: HashMap<u32, Usage>,
+    /// What the host uses (all owners).
+    total: Usage,
 }
 
 fn reason(kind: ReasonKind, m: impl Into<String>) -> Reason {
@@ -404,6 +545,146 @@ impl Core {
             next_id: 1,
             now: 0,
             uses: 0,
+            usage: HashMap::new(),
+            total: Usage::default(),
+        }
+    }
+
+    /// Charge (or release, negative) usage to a space owner and the host.
+    fn charge(&mut self, uid: u32, spaces: i128, shm: i128, durable: i128, chunks: i128) {
+        let u = self.usage.entry(uid).or_default();
+        u.change(spaces, shm, durable, chunks);
+        if *u == Usage::default() {
+            self.usage.remove(&uid);
+        }
+        self.total.change(spaces, shm, durable, chunks);
+    }
+
+    /// What `uid` uses now (the owner of spaces, as charged against the quotas).
+    pub fn usage(&self, uid: u32) -> Usage {
+        self.usage.get(&uid).copied().unwrap_or_default()
+    }
+
+    /// What the whole host uses.
+    pub fn total_usage(&self) -> Usage {
+        self.total
+    }
+
+    /// Usage counted again from the spaces and chunks (the charged counters must agree;
+    /// for tests and checks).
+    pub fn recount(&self) -> (HashMap<u32, Usage>, Usage) {
+        let mut per: HashMap<u32, Usage> = HashMap::new();
+        let mut total = Usage::default();
+        for s in self.spaces.values() {
+            let shm = if s.meta.joined {
+                s.meta.geometry().file_size()
+            } else {
+                0
+            };
+            let durable: u64 = s
+                .chunks
+                .values()
+                .map(|c| stored_bytes(&c.meta, s.meta.volatile))
+                .sum();
+            let n = s.chunks.len() as u64;
+            for u in [per.entry(s.meta.uid).or_default(), &mut total] {
+                u.change(1, shm as i128, durable as i128, n as i128);
+            }
+        }
+        for l in self.leases.values() {
+            if let Some(p) = l.pending {
+                if let Some(s) = self.spaces.get(&l.space) {
+                    for u in [per.entry(s.meta.uid).or_default(), &mut total] {
+                        u.pending_bytes += p;
+                    }
+                }
+            }
+        }
+        (per, total)
+    }
+
+    /// Reserve bytes of a durable write being committed.
+    fn reserve_pending(&mut self, uid: u32, n: u64) {
+        self.usage.entry(uid).or_default().pending_bytes += n;
+        self.total.pending_bytes += n;
+    }
+
+    /// A committing write ended: its reservation goes.
+    fn release_pending(&mut self, uid: u32, n: u64) {
+        if let Some(u) = self.usage.get_mut(&uid) {
+            u.pending_bytes = u.pending_bytes.saturating_sub(n);
+            if *u == Usage::default() {
+                self.usage.remove(&uid);
+            }
+        }
+        self.total.pending_bytes = self.total.pending_bytes.saturating_sub(n);
+    }
+
+    fn exempt(&self, uid: u32) -> bool {
+        self.limits.quotas.exempt.contains(&uid)
+    }
+
+    /// Whether `uid` may take `shm` more bytes of regions (and `spaces` more spaces).
+    fn check_space_quota(&self, uid: u32, spaces: u64, shm: u64) -> Result<(), Reason> {
+        let q = &self.limits.quotas;
+        let t = self.total;
+        if spaces > 0 && t.spaces.saturating_add(spaces) > q.max_spaces {
+            return Err(over_quota(
+                "space",
+                None,
+                t.spaces,
+                spaces,
+                q.max_spaces,
+                "max_spaces",
+            ));
+        }
+        if t.shm_bytes.saturating_add(shm) > q.max_shm_bytes {
+            return Err(over_quota(
+                "shared-memory",
+                None,
+                t.shm_bytes,
+                shm,
+                q.max_shm_bytes,
+                "max_shm_bytes",
+            ));
+        }
+        if self.exempt(uid) {
+            return Ok(());
+        }
+        let u = self.usage(uid);
+        if spaces > 0 && u.spaces.saturating_add(spaces) > q.spaces_per_uid {
+            return Err(over_quota(
+                "space",
+                Some(uid),
+                u.spaces,
+                spaces,
+                q.spaces_per_uid,
+                "spaces_per_uid",
+            ));
+        }
+        if u.shm_bytes.saturating_add(shm) > q.shm_bytes_per_uid {
+            return Err(over_quota(
+                "shared-memory",
+                Some(uid),
+                u.shm_bytes,
+                shm,
+                q.shm_bytes_per_uid,
+                "shm_bytes_per_uid",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Forget a space that [`Core::create`] just made (its record or region could not be
+    /// made): nothing else refers to it yet.
+    pub fn forget_created(&mut self, space: &str) {
+        if let Some(s) = self.spaces.remove(space) {
+            let shm = if s.meta.joined {
+                s.meta.geometry().file_size()
+            } else {
+                0
+            };
+            self.charge(s.meta.uid, -1, -(shm as i128), 0, -(s.chunks.len() as i128));
         }
     }
 
@@ -450,8 +731,47 @@ impl Core {
                 );
             }
         }
-        self.spaces.insert(s.meta.name.clone(), s);
+        // a volatile space's chunks are gone: new versions start above every one that
+        // may have been handed out before
+        s.floor = s.meta.versions_reserved;
+        let shm = if s.meta.joined {
+            s.meta.geometry().file_size()
+        } else {
+            0
+        };
+        let durable: u64 = s
+            .chunks
+            .values()
+            .map(|c| stored_bytes(&c.meta, s.meta.volatile))
+            .sum();
+        let (uid, n) = (s.meta.uid, s.chunks.len());
+        if let Some(old) = self.spaces.insert(s.meta.name.clone(), s) {
+            // restored twice: the first one's charge goes
+            let shm = if old.meta.joined {
+                old.meta.geometry().file_size()
+            } else {
+                0
+            };
+            let d: u64 = old
+                .chunks
+                .values()
+                .map(|c| stored_bytes(&c.meta, old.meta.volatile))
+                .sum();
+            self.charge(
+                old.meta.uid,
+                -1,
+                -(shm as i128),
+                -(d as i128),
+                -(old.chunks.len() as i128),
+            );
+        }
+        self.charge(uid, 1, shm as i128, durable as i128, n as i128);
         fx
+    }
+
+    /// The record of a space, joined or not.
+    pub fn space_record(&self, space: &str) -> Option<&SpaceMeta> {
+        self.spaces.get(space).map(|s| &s.meta)
     }
 
     /// The meta of a joined space the caller may read.
@@ -527,6 +847,7 @@ impl Core {
         if mode & !0o777 != 0 {
             return Err(reason(ReasonKind::Invalid, format!("mode {mode:o}")));
         }
+        self.check_space_quota(c.uid, 1, geo.file_size())?;
         let meta = SpaceMeta {
             name: space.into(),
             volatile,
@@ -538,8 +859,10 @@ impl Core {
             hosts: vec![self.limits.host.clone()],
             joined: true,
             generation: 1,
+            versions_reserved: 0,
         };
         self.spaces.insert(space.into(), Space::new(meta.clone()));
+        self.charge(c.uid, 1, geo.file_size() as i128, 0, 0);
         Ok((
             true,
             vec![Effect::StoreSpace(meta.clone()), Effect::CreateRegion(meta)],
@@ -549,6 +872,7 @@ impl Core {
     /// join: on one host, joining is re-joining a space this host left.
     pub fn join(&mut self, c: &Caller, space: &str, host: &str) -> Result<Vec<Effect>, JoinError> {
         check_space_name(space).map_err(JoinError::Fail)?;
+        check_host_id(host).map_err(JoinError::Fail)?;
         let me = self.limits.host.clone();
         let Some(s) = self.spaces.get_mut(space) else {
             return Err(JoinError::Fail(if host == me {
@@ -575,26 +899,43 @@ impl Core {
                 format!("uid {} may not join space {space:?}", c.uid),
             )));
         }
+        let (owner, size) = (s.meta.uid, s.meta.geometry().file_size());
+        self.check_space_quota(owner, 0, size)
+            .map_err(JoinError::Fail)?;
+        let s = self.spaces.get_mut(space).expect("checked above");
         s.meta.joined = true;
         s.meta.generation += 1;
         if !s.meta.hosts.contains(&me) {
             s.meta.hosts.push(me);
         }
         let meta = s.meta.clone();
+        self.charge(owner, 0, size as i128, 0, 0);
         Ok(vec![
             Effect::StoreSpace(meta.clone()),
             Effect::CreateRegion(meta),
         ])
     }
 
-    /// unjoin: `Ok(false)` is UNJOINSPACE_NOEXIST. Leases and waits of the space end;
-    /// volatile chunks are dropped; durable chunks stay for a later join.
-    pub fn unjoin(&mut self, c: &Caller, space: &str) -> Result<(bool, Vec<Effect>), Reason> {
-        let Some(s) = self.spaces.get_mut(space) else {
-            return Ok((false, vec![]));
+    /// A join whose record could not be stored is undone: the space is as it was (`old`).
+    pub fn undo_join(&mut self, old: SpaceMeta) {
+        let Some(s) = self.spaces.get_mut(&old.name) else {
+            return;
+        };
+        if s.meta.joined && !old.joined {
+            let (owner, size) = (s.meta.uid, s.meta.geometry().file_size());
+            s.meta = old;
+            self.charge(owner, 0, -(size as i128), 0, 0);
+        }
+    }
+
+    /// What an unjoin would record (`Ok(None)`: UNJOINSPACE_NOEXIST); changes nothing. The
+    /// shell stores it before [`Core::unjoin`], so a refused record leaves the space joined.
+    pub fn unjoin_record(&self, c: &Caller, space: &str) -> Result<Option<SpaceMeta>, Reason> {
+        let Some(s) = self.spaces.get(space) else {
+            return Ok(None);
         };
         if !s.meta.joined {
-            return Ok((false, vec![]));
+            return Ok(None);
         }
         if c.uid != 0 && c.uid != s.meta.uid {
             return Err(reason(
@@ -605,13 +946,31 @@ impl Core {
                 ),
             ));
         }
-        s.meta.joined = false;
-        let me = self.limits.host.clone();
-        s.meta.hosts.retain(|h| *h != me);
+        let mut meta = s.meta.clone();
+        meta.joined = false;
+        let me = &self.limits.host;
+        meta.hosts.retain(|h| h != me);
+        Ok(Some(meta))
+    }
+
+    /// unjoin: `Ok(false)` is UNJOINSPACE_NOEXIST. Leases and waits of the space end;
+    /// volatile chunks are dropped; durable chunks stay for a later join.
+    pub fn unjoin(&mut self, c: &Caller, space: &str) -> Result<(bool, Vec<Effect>), Reason> {
+        let Some(meta) = self.unjoin_record(c, space)? else {
+            return Ok((false, vec![]));
+        };
+        let s = self.spaces.get_mut(space).expect("checked above");
         let volatile = s.meta.volatile;
-        let meta = s.meta.clone();
-        let fresh = Space::new(meta.clone());
-        let old = std::mem::replace(s, fresh);
+        let size = s.meta.geometry().file_size();
+        let old = std::mem::replace(s, Space::new(meta.clone()));
+        s.floor = old.floor.max(
+            old.chunks
+                .values()
+                .map(|c| c.meta.version)
+                .max()
+                .unwrap_or(0),
+        );
+        let dropped = if volatile { old.chunks.len() } else { 0 };
         if !volatile {
             for (name, ch) in old.chunks {
                 s.chunks.insert(
@@ -624,7 +983,42 @@ impl Core {
                 );
             }
         }
-        let mut fx = vec![Effect::StoreSpace(meta), Effect::RemoveRegion(space.into())];
+        let mut fx = vec![
+            Effect::StoreSpace(meta.clone()),
+            Effect::RemoveRegion(space.into()),
+        ];
+        // durable writes still committing: their reservations go with their leases
+        let pending: u64 = self
+            .leases
+            .values()
+            .filter(|l| l.space == space)
+            .filter_map(|l| l.pending)
+            .sum();
+        self.charge(meta.uid, 0, -(size as i128), 0, -(dropped as i128));
+        if pending > 0 {
+            self.release_pending(meta.uid, pending);
+        }
+        // invalidate leases end here: their chunks' invalidation is recorded, as when
+        // a lease ends by itself
+        if !volatile {
+            let mut ended: Vec<(String, ChunkMeta)> = self
+                .leases
+                .values()
+                .filter(|l| l.space == space && l.kind == LeaseKind::Invalidate)
+                .filter_map(|l| {
+                    let ch = self.spaces.get(space)?.chunks.get(&l.chunk)?;
+                    (!ch.meta.valid).then(|| (l.chunk.clone(), ch.meta))
+                })
+                .collect();
+            ended.sort_by(|a, b| a.0.cmp(&b.0));
+            for (chunk, m) in ended {
+                fx.push(Effect::StoreChunk {
+                    space: space.into(),
+                    chunk,
+                    meta: m,
+                });
+            }
+        }
         self.leases.retain(|_, l| l.space != space);
         for q in self.quarantine.values_mut() {
             q.retain(|(sp, _, _)| sp != space);
@@ -656,19 +1050,36 @@ impl Core {
         Ok(self.joined(space, c, false)?.meta.hosts.clone())
     }
 
-    /// A chunk list. On one host every valid chunk has one copy, here, and it is the alpha.
+    /// A page of a chunk list: up to `limit` entries (at most [`CHUNK_PAGE`]) of the chunks
+    /// named after `after`, in name order, and the `after` of the next page (`None`: this
+    /// is the last). On one host every valid chunk has one copy, here, and it is the alpha.
     pub fn chunks(
         &mut self,
         c: &Caller,
         space: &str,
         _list: ChunkList,
-    ) -> Result<Vec<ChunkEntry>, Reason> {
+        after: Option<&str>,
+        limit: Option<u32>,
+    ) -> Result<(Vec<ChunkEntry>, Option<String>), Reason> {
         let host = self.limits.host.clone();
+        let limit = limit.unwrap_or(CHUNK_PAGE).clamp(1, CHUNK_PAGE) as usize;
         let s = self.joined(space, c, false)?;
-        let mut out: Vec<ChunkEntry> = s
+        let mut names: Vec<&String> = s
             .chunks
             .iter()
-            .filter(|(_, ch)| ch.meta.valid)
+            .filter(|(name, ch)| ch.meta.valid && after.is_none_or(|a| name.as_str() > a))
+            .map(|(name, _)| name)
+            .collect();
+        let more = names.len() > limit;
+        if more {
+            names.select_nth_unstable(limit);
+            names.truncate(limit);
+        }
+        names.sort_unstable();
+        let next = more.then(|| names[limit - 1].clone());
+        let out: Vec<ChunkEntry> = names
+            .into_iter()
+            .map(|name| (name, &s.chunks[name]))
             .map(|(name, ch)| ChunkEntry {
                 chunk: name.clone(),
                 host: host.clone(),
@@ -678,8 +1089,7 @@ impl Core {
                 cached: ch.resident.is_some(),
             })
             .collect();
-        out.sort_by(|a, b| a.chunk.cmp(&b.chunk));
-        Ok(out)
+        Ok((out, next))
     }
 
     /// Check the caller may read the space (for GETCHUNKCACHE and spawn).
@@ -826,8 +1236,26 @@ impl Core {
         kind: LeaseKind,
         fx: &mut Vec<Effect>,
     ) -> Result<Grant, Reason> {
+        let (owner, new_chunk) = {
+            let s = self.spaces.get(space).ok_or_else(|| no_space(space))?;
+            (s.meta.uid, !s.chunks.contains_key(chunk))
+        };
+        if new_chunk && !self.exempt(owner) {
+            let (used, limit) = (self.usage(owner).chunks, self.limits.quotas.chunks_per_uid);
+            if used.saturating_add(1) > limit {
+                return Err(over_quota(
+                    "chunk",
+                    Some(owner),
+                    used,
+                    1,
+                    limit,
+                    "chunks_per_uid",
+                ));
+            }
+        }
         let id = self.id();
         let deadline = self.now.saturating_add(self.limits.lease_timeout_ms);
+        let mut freed = 0u64;
         let s = self.spaces.get_mut(space).ok_or_else(|| no_space(space))?;
         let cur = s.chunks.get(chunk).map(|ch| (ch.meta, ch.resident));
         let (slot, fill, version, len) = match kind {
@@ -878,6 +1306,7 @@ impl Core {
                 // recorded on disk when the lease ends (the stored bytes may still be
                 // needed to fill the buffer)
                 if let Some(ch) = s.chunks.get_mut(chunk) {
+                    freed = stored_bytes(&ch.meta, s.meta.volatile);
                     ch.meta.valid = false;
                 }
                 (slot, fill, version, len)
@@ -895,6 +1324,7 @@ impl Core {
             last_use: 0,
         });
         ch.lease = Some(id);
+        self.charge(owner, 0, 0, -(freed as i128), if new_chunk { 1 } else { 0 });
         self.leases.insert(
             id,
             Lease {
@@ -905,6 +1335,7 @@ impl Core {
                 kind,
                 deadline,
                 committing: false,
+                pending: None,
             },
         );
         Ok(Grant {
@@ -960,12 +1391,31 @@ impl Core {
                 format!("length {len} is over the slot size {}", s.meta.slot_size),
             ));
         }
-        let version = s
-            .chunks
-            .get(&l.chunk)
-            .map(|ch| ch.meta.version)
-            .unwrap_or(0)
-            + 1;
+        let cur = s.chunks.get(&l.chunk).map(|ch| ch.meta);
+        let version = cur.map(|m| m.version).unwrap_or(0).max(s.floor) + 1;
+        let durable = !s.meta.volatile;
+        let owner = s.meta.uid;
+        let reserve = (!durable && version > s.meta.versions_reserved).then(|| {
+            let mut m = s.meta.clone();
+            m.versions_reserved = version.saturating_add(VERSION_BLOCK);
+            m
+        });
+        if durable && !self.exempt(owner) {
+            let u = self.usage(owner);
+            let used = u.durable_bytes + u.pending_bytes;
+            let old = cur.map(|m| stored_bytes(&m, false)).unwrap_or(0);
+            let limit = self.limits.quotas.durable_bytes_per_uid;
+            if used.saturating_sub(old).saturating_add(len) > limit {
+                return Err(over_quota(
+                    "durable-bytes",
+                    Some(owner),
+                    used,
+                    len.saturating_sub(old),
+                    limit,
+                    "durable_bytes_per_uid",
+                ));
+            }
+        }
         let plan = StopPlan {
             lease,
             space: l.space.clone(),
@@ -973,10 +1423,17 @@ impl Core {
             slot: l.slot,
             version,
             len,
-            durable: !s.meta.volatile,
+            durable,
+            reserve,
         };
         if let Some(l) = self.leases.get_mut(&lease) {
             l.committing = true;
+            if durable {
+                l.pending = Some(len);
+            }
+        }
+        if durable {
+            self.reserve_pending(owner, len);
         }
         Ok(plan)
     }
@@ -990,24 +1447,36 @@ impl Core {
         result: Result<(u64, u32), Reason>,
     ) -> (Result<u64, Reason>, Vec<Effect>) {
         let mut fx = Vec::new();
+        if result.is_ok() {
+            if let Some(m) = &plan.reserve {
+                if let Some(s) = self.spaces.get_mut(&plan.space) {
+                    s.meta.versions_reserved = s.meta.versions_reserved.max(m.versions_reserved);
+                }
+            }
+        }
         let Some(l) = self.leases.remove(&plan.lease) else {
             // the space was left while the write committed: what was stored on disk is the
             // chunk's state now, so that a later version never repeats this one
             if let (Ok((len, crc)), true) = (&result, plan.durable) {
-                if let Some(ch) = self
-                    .spaces
-                    .get_mut(&plan.space)
-                    .and_then(|s| s.chunks.get_mut(&plan.chunk))
-                {
-                    if ch.meta.version < plan.version {
-                        ch.meta = ChunkMeta {
-                            version: plan.version,
-                            valid: true,
-                            len: *len,
-                            crc: *crc,
-                        };
-                        ch.resident = None;
+                let mut delta = None;
+                if let Some(s) = self.spaces.get_mut(&plan.space) {
+                    let owner = s.meta.uid;
+                    if let Some(ch) = s.chunks.get_mut(&plan.chunk) {
+                        if ch.meta.version < plan.version {
+                            let before = stored_bytes(&ch.meta, false);
+                            ch.meta = ChunkMeta {
+                                version: plan.version,
+                                valid: true,
+                                len: *len,
+                                crc: *crc,
+                            };
+                            ch.resident = None;
+                            delta = Some((owner, *len as i128 - before as i128));
+                        }
                     }
+                }
+                if let Some((owner, d)) = delta {
+                    self.charge(owner, 0, 0, d, 0);
                 }
             }
             return (
@@ -1019,9 +1488,23 @@ impl Core {
             );
         };
         let t = self.touch();
-        let Some(s) = self.spaces.get_mut(&l.space) else {
+        let Some(owner) = self.spaces.get(&l.space).map(|s| s.meta.uid) else {
             return (Err(no_space(&l.space)), fx);
         };
+        if let Some(p) = l.pending {
+            self.release_pending(owner, p);
+        }
+        if let Ok((len, _)) = &result {
+            let s = &self.spaces[&l.space];
+            let before = s
+                .chunks
+                .get(&l.chunk)
+                .map(|ch| stored_bytes(&ch.meta, s.meta.volatile))
+                .unwrap_or(0);
+            let after = if s.meta.volatile { 0 } else { *len };
+            self.charge(owner, 0, 0, after as i128 - before as i128, 0);
+        }
+        let s = self.spaces.get_mut(&l.space).expect("checked above");
         let out = match result {
             Ok((len, crc)) => {
                 let meta = ChunkMeta {
@@ -1190,21 +1673,73 @@ impl Core {
             take_entry(s, chunk, r, &mut fx);
             s.free.push(r.slot);
         }
+        let owner = s.meta.uid;
+        let volatile = s.meta.volatile;
         let ch = s.chunks.get_mut(chunk).expect("present");
+        let freed = stored_bytes(&ch.meta, volatile);
         ch.meta.valid = false;
-        if !s.meta.volatile {
+        if !volatile {
             fx.push(Effect::StoreChunk {
                 space: space.into(),
                 chunk: chunk.into(),
                 meta: ch.meta,
             });
         }
+        self.charge(owner, 0, 0, -(freed as i128), 0);
         (InvalidateOutcome::Invalidated, fx)
     }
 
     /// Whether a connection holds a lease (it is not idle, however long it stays silent).
     pub fn holds_lease(&self, client: ClientId) -> bool {
         self.leases.values().any(|l| l.client == client)
+    }
+
+    /// What [`Core::invalidate`] would record (a valid, unleased chunk of a durable space
+    /// the caller may write); changes nothing. The shell stores it first, so that an
+    /// invalidation is answered only once it is on disk.
+    pub fn invalidate_record(&mut self, c: &Caller, space: &str, chunk: &str) -> Option<ChunkMeta> {
+        let s = self.joined(space, c, true).ok()?;
+        check_chunk_name(chunk).ok()?;
+        let ch = s.chunks.get(chunk)?;
+        (ch.meta.valid && ch.lease.is_none() && !s.meta.volatile).then_some(ChunkMeta {
+            valid: false,
+            ..ch.meta
+        })
+    }
+
+    /// What ending the caller's invalidate lease records (durable space): (space, chunk,
+    /// state). The shell stores it before [`Core::stop_invalidate`].
+    pub fn invalidate_lease_record(
+        &self,
+        c: &Caller,
+        lease: LeaseId,
+    ) -> Option<(String, String, ChunkMeta)> {
+        let l = self.held(c, lease, true).ok()?;
+        let s = self.spaces.get(&l.space)?;
+        let ch = s.chunks.get(&l.chunk)?;
+        (!s.meta.volatile && !ch.meta.valid).then(|| (l.space.clone(), l.chunk.clone(), ch.meta))
+    }
+
+    /// A chunk's state could not be recorded (the store failed): make the core agree with
+    /// what is stored (`stored`, read back by the shell). Only an unleased chunk without a
+    /// cached copy changes (an invalidated one, whose lease has ended).
+    pub fn resync_chunk(&mut self, space: &str, chunk: &str, stored: Option<ChunkMeta>) {
+        let Some(s) = self.spaces.get_mut(space) else {
+            return;
+        };
+        let (owner, volatile) = (s.meta.uid, s.meta.volatile);
+        let Some(ch) = s.chunks.get_mut(chunk) else {
+            return;
+        };
+        let Some(m) = stored else {
+            return;
+        };
+        if ch.lease.is_some() || ch.resident.is_some() || volatile {
+            return;
+        }
+        let d = stored_bytes(&m, false) as i128 - stored_bytes(&ch.meta, false) as i128;
+        ch.meta = m;
+        self.charge(owner, 0, 0, d, 0);
     }
 
     /// A connection closed: its leases are reclaimed (the chunks stay at their last
@@ -1558,6 +2093,7 @@ mod tests {
             default_slots: 4,
             max_slot_size: 1 << 20,
             max_cache_bytes: 1 << 30,
+            quotas: Quotas::unlimited(),
         })
     }
     const A: Caller = Caller {
@@ -1889,5 +2425,249 @@ mod tests {
             c.read(&A, "s", "a").unwrap(),
             Some(ReadPlan::Disk { .. })
         ));
+    }
+
+    fn quota_core(q: Quotas) -> Core {
+        let mut c = core();
+        c.limits.quotas = q;
+        c
+    }
+
+    fn assert_counted(c: &Core) {
+        let (per, total) = c.recount();
+        for (uid, u) in &per {
+            assert_eq!(c.usage(*uid), *u, "uid {uid}");
+        }
+        for (uid, u) in &c.usage {
+            assert_eq!(per.get(uid).copied().unwrap_or_default(), *u, "uid {uid}");
+        }
+        assert_eq!(c.total_usage(), total);
+    }
+
+    #[test]
+    fn space_and_shm_quotas_refuse_create_with_use_and_limit() {
+        // default geometry: 4 slots of 4096 = a region of 4096 + index + 16 KiB
+        let region = Geometry::new(4096, 4).file_size();
+        let mut c = quota_core(Quotas {
+            spaces_per_uid: 2,
+            shm_bytes_per_uid: 3 * region,
+            max_spaces: 4,
+            exempt: vec![0],
+            ..Quotas::unlimited()
+        });
+        c.create(&A, "a", false, None, None, None).unwrap();
+        c.create(&A, "b", true, None, None, None).unwrap();
+        let r = c.create(&A, "c", false, None, None, None).unwrap_err();
+        assert_eq!(r.kind, ReasonKind::Quota);
+        assert!(
+            r.message.contains("uid 1000 uses 2") && r.message.contains("spaces_per_uid"),
+            "{}",
+            r.message
+        );
+        // shm: a big space is refused whatever the count
+        let r = c
+            .create(&OTHER, "big", false, None, Some(64), None)
+            .unwrap_err();
+        assert!(r.message.contains("shm_bytes_per_uid"), "{}", r.message);
+        assert_counted(&c);
+        // unjoin releases the region's bytes, not the space
+        c.unjoin(&A, "b").unwrap();
+        assert_eq!(c.usage(1000).shm_bytes, region);
+        assert_eq!(c.usage(1000).spaces, 2);
+        assert!(c.create(&A, "c", false, None, None, None).is_err());
+        // root is exempt from per-uid quotas, not from the host's
+        let root = Caller {
+            client: 9,
+            uid: 0,
+            gid: 0,
+        };
+        c.create(&root, "r1", false, None, None, None).unwrap();
+        c.create(&root, "r2", false, None, None, None).unwrap();
+        let r = c.create(&root, "r3", false, None, None, None).unwrap_err();
+        assert!(
+            r.message.contains("max_spaces") && r.message.contains("this host"),
+            "{}",
+            r.message
+        );
+        // forgetting a space that could not be made releases everything
+        c.forget_created("r2");
+        c.create(&root, "r3", false, None, None, None).unwrap();
+        // join is charged again (and checked)
+        c.join(&A, "b", "h1").unwrap();
+        assert_eq!(c.usage(1000).shm_bytes, 2 * region);
+        assert_counted(&c);
+    }
+
+    #[test]
+    fn chunk_and_durable_byte_quotas_refuse_writes() {
+        let mut c = quota_core(Quotas {
+            chunks_per_uid: 3,
+            durable_bytes_per_uid: 100,
+            ..Quotas::unlimited()
+        });
+        c.create(&A, "s", false, None, None, None).unwrap();
+        write(&mut c, &A, "x", 60).unwrap();
+        // a rewrite is charged its new length only
+        write(&mut c, &A, "x", 90).unwrap();
+        // 90 + 20 > 100: refused at stop, with the use and the limit
+        let r = write(&mut c, &OTHER_WRITER, "y", 20).unwrap_err();
+        assert_eq!(r.kind, ReasonKind::Quota);
+        assert!(
+            r.message.contains("durable_bytes_per_uid") && r.message.contains("uses 90"),
+            "{}",
+            r.message
+        );
+        c.disconnect(OTHER_WRITER.client);
+        // invalidation frees the bytes (the record stays, and counts as a chunk)
+        assert_eq!(c.invalidate(&A, "s", "x").0, InvalidateOutcome::Invalidated);
+        assert_eq!(c.usage(1000).durable_bytes, 0);
+        write(&mut c, &A, "y", 20).unwrap();
+        write(&mut c, &A, "z", 20).unwrap();
+        assert_eq!(c.usage(1000).chunks, 3);
+        // a fourth chunk name: refused at start_write
+        let (o, _) = c.start_lease(&A, "s", "w", LeaseKind::Write { keep: false }, false, None);
+        assert!(
+            matches!(o, LeaseOutcome::Fail(ref r) if r.kind == ReasonKind::Quota && r.message.contains("chunks_per_uid")),
+            "{o:?}"
+        );
+        assert_counted(&c);
+        // a restart counts the same from the records
+        let recorded: Vec<(String, ChunkMeta)> = ["x", "y", "z"]
+            .iter()
+            .map(|n| (n.to_string(), c.spaces["s"].chunks[*n].meta))
+            .collect();
+        let meta = c.spaces["s"].meta.clone();
+        let mut d = quota_core(c.limits.quotas.clone());
+        d.restore(meta, recorded);
+        assert_eq!(d.usage(1000), c.usage(1000));
+        assert_counted(&d);
+    }
+
+    const OTHER_WRITER: Caller = Caller {
+        client: 4,
+        uid: 1000,
+        gid: 1000,
+    };
+
+    #[test]
+    fn volatile_versions_stay_above_the_reservation_after_a_restart() {
+        let mut c = core();
+        c.create(&A, "v", true, None, None, None).unwrap();
+        let (o, _) = c.start_lease(&A, "v", "x", LeaseKind::Write { keep: false }, false, None);
+        let LeaseOutcome::Granted(g) = o else {
+            panic!()
+        };
+        let p = c.begin_stop(&A, g.lease, 1).unwrap();
+        // the first version needs a reservation recorded before it is published
+        let reserved = p.reserve.clone().expect("reservation");
+        assert_eq!(reserved.versions_reserved, 1 + VERSION_BLOCK);
+        c.finish_stop(&p, Ok((1, 0))).0.unwrap();
+        // the next ones are inside it
+        let (o, _) = c.start_lease(&A, "v", "x", LeaseKind::Write { keep: false }, false, None);
+        let LeaseOutcome::Granted(g) = o else {
+            panic!()
+        };
+        let p = c.begin_stop(&A, g.lease, 1).unwrap();
+        assert!(p.reserve.is_none());
+        assert_eq!(c.finish_stop(&p, Ok((1, 0))).0.unwrap(), 2);
+        // a restart: the volatile chunk is gone, its next version is above the reservation
+        let mut d = core();
+        d.restore(c.spaces["v"].meta.clone(), vec![]);
+        let (o, _) = d.start_lease(&A, "v", "x", LeaseKind::Write { keep: false }, false, None);
+        let LeaseOutcome::Granted(g) = o else {
+            panic!()
+        };
+        let p = d.begin_stop(&A, g.lease, 1).unwrap();
+        assert_eq!(p.version, 2 + VERSION_BLOCK);
+        assert!(p.reserve.is_some());
+        // a failed reservation is not remembered: the next write asks again
+        d.finish_stop(&p, Err(reason(ReasonKind::Io, "disk full")))
+            .0
+            .unwrap_err();
+        assert_eq!(d.spaces["v"].meta.versions_reserved, 1 + VERSION_BLOCK);
+        // unjoin and join in one run: versions go on too
+        c.unjoin(&A, "v").unwrap();
+        c.join(&A, "v", "h1").unwrap();
+        let (o, _) = c.start_lease(&A, "v", "x", LeaseKind::Write { keep: false }, false, None);
+        let LeaseOutcome::Granted(g) = o else {
+            panic!()
+        };
+        let p = c.begin_stop(&A, g.lease, 1).unwrap();
+        assert_eq!(p.version, 3);
+    }
+
+    #[test]
+    fn chunk_lists_come_in_pages() {
+        let mut c = core();
+        c.create(&A, "s", true, None, Some(64), None).unwrap();
+        for i in 0..25 {
+            write(&mut c, &A, &format!("c{i:02}"), 1).unwrap();
+        }
+        let mut all = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let (page, next) = c
+                .chunks(&A, "s", ChunkList::All, after.as_deref(), Some(10))
+                .unwrap();
+            assert!(page.len() <= 10);
+            all.extend(page.into_iter().map(|e| e.chunk));
+            match next {
+                Some(n) => after = Some(n),
+                None => break,
+            }
+        }
+        let want: Vec<String> = (0..25).map(|i| format!("c{i:02}")).collect();
+        assert_eq!(all, want);
+        // the page size is capped
+        let (page, next) = c
+            .chunks(&A, "s", ChunkList::All, None, Some(u32::MAX))
+            .unwrap();
+        assert_eq!((page.len(), next), (25, None));
+    }
+
+    #[test]
+    fn invalidate_record_changes_nothing_and_resync_undoes() {
+        let mut c = core();
+        c.create(&A, "s", false, None, None, None).unwrap();
+        write(&mut c, &A, "x", 5).unwrap();
+        let m = c
+            .invalidate_record(&A, "s", "x")
+            .expect("durable valid chunk");
+        assert!(!m.valid && m.version == 1);
+        assert!(c.read(&A, "s", "x").unwrap().is_some());
+        assert!(c.invalidate_record(&OTHER, "s", "x").is_none());
+        // a lease that ended by itself but whose record failed: back to what is stored
+        let (o, _) = c.start_lease(&A, "s", "x", LeaseKind::Invalidate, false, None);
+        assert!(matches!(o, LeaseOutcome::Granted(_)));
+        let stored = c.spaces["s"].chunks["x"].meta;
+        let fx = c.disconnect(A.client);
+        assert!(fx.iter().any(|e| matches!(e, Effect::StoreChunk { .. })));
+        c.resync_chunk(
+            "s",
+            "x",
+            Some(ChunkMeta {
+                valid: true,
+                ..stored
+            }),
+        );
+        assert!(matches!(
+            c.read(&A, "s", "x").unwrap(),
+            Some(ReadPlan::Disk { version: 1, .. })
+        ));
+        assert_counted(&c);
+    }
+
+    #[test]
+    fn host_ids_are_printable() {
+        assert!(check_host_id("node-1").is_ok());
+        for bad in ["", "a\nb", "a b", "\u{1b}[2J"] {
+            assert_eq!(check_host_id(bad).unwrap_err().kind, ReasonKind::BadName);
+        }
+        let mut c = core();
+        c.create(&A, "s", false, None, None, None).unwrap();
+        c.unjoin(&A, "s").unwrap();
+        assert!(
+            matches!(c.join(&A, "s", "h1\nFORGED"), Err(JoinError::Fail(r)) if r.kind == ReasonKind::BadName)
+        );
     }
 }

@@ -11,7 +11,7 @@
 //! names have no `/`, so `"<space>/"` is a key prefix per space.
 
 use super::core::{ChunkMeta, SpaceMeta};
-use redb::{ReadableDatabase, ReadableTable};
+use redb::ReadableTable;
 use std::sync::Arc;
 
 const SPACES: redb::TableDefinition<&str, &[u8]> = redb::TableDefinition::new("spaces");
@@ -23,7 +23,7 @@ pub type Recorded = (SpaceMeta, Vec<(String, ChunkMeta)>);
 
 /// The spaces' part of the metadata store.
 pub struct Durable {
-    db: Arc<redb::Database>,
+    db: Arc<crate::store::Db>,
 }
 
 fn key(space: &str, chunk: &str) -> String {
@@ -32,7 +32,7 @@ fn key(space: &str, chunk: &str) -> String {
 
 impl Durable {
     /// Open the tables (created when missing).
-    pub fn open(db: Arc<redb::Database>) -> anyhow::Result<Durable> {
+    pub fn open(db: Arc<crate::store::Db>) -> anyhow::Result<Durable> {
         let w = db.begin_write()?;
         w.open_table(SPACES)?;
         w.open_table(CHUNK_META)?;
@@ -41,13 +41,32 @@ impl Durable {
         Ok(Durable { db })
     }
 
-    /// Record a space.
+    /// Record a space. The recorded version reservation never goes down (records made
+    /// concurrently may carry an older one).
     pub fn put_space(&self, meta: &SpaceMeta) -> anyhow::Result<()> {
         let w = self.db.begin_write()?;
-        w.open_table(SPACES)?
-            .insert(meta.name.as_str(), serde_json::to_vec(meta)?.as_slice())?;
+        {
+            let mut t = w.open_table(SPACES)?;
+            let mut meta = meta.clone();
+            if let Some(old) = t.get(meta.name.as_str())? {
+                if let Ok(old) = serde_json::from_slice::<SpaceMeta>(old.value()) {
+                    meta.versions_reserved = meta.versions_reserved.max(old.versions_reserved);
+                }
+            }
+            t.insert(meta.name.as_str(), serde_json::to_vec(&meta)?.as_slice())?;
+        }
         w.commit()?;
         Ok(())
+    }
+
+    /// A chunk's stored state (valid or not), without its bytes.
+    pub fn chunk_meta(&self, space: &str, chunk: &str) -> anyhow::Result<Option<ChunkMeta>> {
+        let k = key(space, chunk);
+        let r = self.db.begin_read()?;
+        let Some(m) = r.open_table(CHUNK_META)?.get(k.as_str())? else {
+            return Ok(None);
+        };
+        Ok(Some(serde_json::from_slice(m.value())?))
     }
 
     /// Store a chunk's published bytes and state (one fsynced transaction).

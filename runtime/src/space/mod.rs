@@ -12,7 +12,7 @@ pub mod spawn;
 
 use self::core::{
     Caller, ChunkMeta, Core, Effect, Fill, Grant, InvalidateOutcome, JoinError, LeaseKind,
-    LeaseOutcome, Limits, ReadPlan, SpaceMeta, StopPlan, WaitOutcome, WaiterId, Wake,
+    LeaseOutcome, Limits, Quotas, ReadPlan, SpaceMeta, StopPlan, WaitOutcome, WaiterId, Wake,
 };
 use self::durable::Durable;
 use crate::config::SpaceConfig;
@@ -102,12 +102,13 @@ impl Spaces {
     /// Open the spaces recorded in `db` and (re)create the regions of joined ones.
     pub fn open(
         cfg: SpaceConfig,
-        db: Arc<redb::Database>,
+        db: Arc<crate::store::Db>,
         data_dir: &std::path::Path,
         socket: PathBuf,
         own_uid: u32,
     ) -> anyhow::Result<Spaces> {
         let host = cfg.host_id.clone().unwrap_or_else(hostname);
+        core::check_host_id(&host).map_err(|r| anyhow::anyhow!("{}", r.message))?;
         let durable = Durable::open(db)?;
         std::fs::create_dir_all(&cfg.shm_dir)?;
         let canon = std::fs::canonicalize(data_dir).unwrap_or_else(|_| data_dir.to_owned());
@@ -122,6 +123,17 @@ impl Spaces {
             default_slots: cfg.default_slots,
             max_slot_size: cfg.max_slot_size,
             max_cache_bytes: cfg.max_cache_bytes,
+            quotas: Quotas {
+                spaces_per_uid: cfg.spaces_per_uid,
+                shm_bytes_per_uid: cfg.shm_bytes_per_uid,
+                durable_bytes_per_uid: cfg.durable_bytes_per_uid,
+                chunks_per_uid: cfg.chunks_per_uid,
+                max_spaces: cfg.max_spaces,
+                max_shm_bytes: cfg
+                    .max_shm_bytes
+                    .unwrap_or_else(|| default_max_shm(&cfg.shm_dir)),
+                exempt: vec![0, own_uid],
+            },
         });
         let s = Spaces {
             inner: Mutex::new(Inner {
@@ -224,8 +236,12 @@ impl Spaces {
                     }
                 }
                 Effect::StoreChunk { space, chunk, meta } => {
+                    // (requests store first and filter these out: this is a lease that
+                    // ended by itself, e.g. an invalidate lease of a closed connection)
                     if let Err(e) = self.durable.put_chunk_meta(&space, &chunk, &meta) {
-                        tracing::error!(%space, %chunk, "cannot record chunk state: {e}");
+                        tracing::error!(%space, %chunk, "cannot record chunk state (the chunk keeps its stored state): {e}");
+                        let stored = self.durable.chunk_meta(&space, &chunk).ok().flatten();
+                        g.core.resync_chunk(&space, &chunk, stored);
                     }
                 }
                 Effect::Wake { waiter, outcome } => {
@@ -263,6 +279,26 @@ impl Spaces {
                 }
             }
         }
+    }
+
+    /// Store the records among `fx` first (in order) and apply the rest only if they all
+    /// were: nothing is answered as done before it is on disk. `Err`: nothing was applied.
+    fn persist_then_apply(&self, g: &mut Inner, fx: Vec<Effect>) -> Result<(), Reason> {
+        let (stores, rest): (Vec<Effect>, Vec<Effect>) = fx
+            .into_iter()
+            .partition(|e| matches!(e, Effect::StoreSpace(_) | Effect::StoreChunk { .. }));
+        for e in &stores {
+            match e {
+                Effect::StoreSpace(meta) => self.durable.put_space(meta),
+                Effect::StoreChunk { space, chunk, meta } => {
+                    self.durable.put_chunk_meta(space, chunk, meta)
+                }
+                _ => Ok(()),
+            }
+            .map_err(io_reason)?;
+        }
+        self.apply(g, rest);
+        Ok(())
     }
 
     fn create_region(&self, g: &mut Inner, meta: &SpaceMeta) {
@@ -389,7 +425,11 @@ impl Spaces {
                     options.mode,
                 ) {
                     Ok((true, fx)) => {
-                        self.apply(&mut g, fx);
+                        if let Err(r) = self.persist_then_apply(&mut g, fx) {
+                            g.core.forget_created(&space);
+                            tracing::error!(%space, "space not created: {}", r.message);
+                            return Step::Refused(r);
+                        }
                         if !g.regions.contains_key(&space) {
                             tracing::warn!(%space, "space created without a cache region");
                         }
@@ -403,19 +443,39 @@ impl Spaces {
             }
             SpaceRequest::Join { space, host } => {
                 let mut g = self.lock();
+                let before = g.core.space_record(&space).cloned();
                 match g.core.join(c, &space, &host) {
-                    Ok(fx) => {
-                        self.apply(&mut g, fx);
-                        none(R::JoinOk)
-                    }
+                    Ok(fx) => match self.persist_then_apply(&mut g, fx) {
+                        Ok(()) => none(R::JoinOk),
+                        Err(reason) => {
+                            if let Some(old) = before {
+                                g.core.undo_join(old);
+                            }
+                            none(R::JoinFail { reason })
+                        }
+                    },
                     Err(JoinError::Exists) => none(R::JoinExists),
                     Err(JoinError::Fail(reason)) => none(R::JoinFail { reason }),
                 }
             }
             SpaceRequest::Unjoin { space } => {
                 let mut g = self.lock();
+                // the record first: a space whose unjoin is not on disk stays joined
+                match g.core.unjoin_record(c, &space) {
+                    Ok(Some(meta)) => {
+                        if let Err(e) = self.durable.put_space(&meta) {
+                            return Step::Refused(io_reason(e));
+                        }
+                    }
+                    Ok(None) => return none(R::UnjoinNoExist),
+                    Err(r) => return Step::Refused(r),
+                }
                 match g.core.unjoin(c, &space) {
                     Ok((true, fx)) => {
+                        let fx = fx
+                            .into_iter()
+                            .filter(|e| !matches!(e, Effect::StoreSpace(_)))
+                            .collect();
                         self.apply(&mut g, fx);
                         none(R::UnjoinOk)
                     }
@@ -427,9 +487,18 @@ impl Spaces {
                 Ok(hosts) => none(R::HostsOk { hosts }),
                 Err(_) => none(R::HostsNoExist),
             },
-            SpaceRequest::Chunks { space, list } => {
-                match self.lock().core.chunks(c, &space, list) {
-                    Ok(entries) => none(R::ChunksOk { entries }),
+            SpaceRequest::Chunks {
+                space,
+                list,
+                after,
+                limit,
+            } => {
+                match self
+                    .lock()
+                    .core
+                    .chunks(c, &space, list, after.as_deref(), limit)
+                {
+                    Ok((entries, next)) => none(R::ChunksOk { entries, next }),
                     Err(reason) => none(R::ChunksFail { reason }),
                 }
             }
@@ -514,14 +583,35 @@ impl Spaces {
             }
             SpaceRequest::Invalidate { space, chunk } => {
                 let mut g = self.lock();
+                // recorded before the core changes: a failed store leaves the chunk valid
+                if let Some(meta) = g.core.invalidate_record(c, &space, &chunk) {
+                    if let Err(e) = self.durable.put_chunk_meta(&space, &chunk, &meta) {
+                        return none(invalidate_reply(InvalidateOutcome::StillValid(
+                            meta.version,
+                            io_reason(e),
+                        )));
+                    }
+                }
                 let (o, fx) = g.core.invalidate(c, &space, &chunk);
-                self.apply(&mut g, fx);
+                self.apply(&mut g, without_chunk_records(fx));
                 none(invalidate_reply(o))
             }
             SpaceRequest::StopInvalidate { lease } => {
                 let mut g = self.lock();
+                // recorded before the lease ends: a failed store keeps the lease (retry
+                // stop_invalidate, or abort by closing the connection)
+                if let Some((space, chunk, meta)) = g.core.invalidate_lease_record(c, lease) {
+                    if let Err(e) = self.durable.put_chunk_meta(&space, &chunk, &meta) {
+                        let mut r = io_reason(e);
+                        r.message.push_str("; the invalidate lease is still held");
+                        return none(R::WriteOk {
+                            version: 0,
+                            reason: Some(r),
+                        });
+                    }
+                }
                 let (r, fx) = g.core.stop_invalidate(c, lease);
-                self.apply(&mut g, fx);
+                self.apply(&mut g, without_chunk_records(fx));
                 none(match r {
                     Ok(()) => R::WriteFail { reason: None },
                     Err(reason) => R::WriteOk {
@@ -550,7 +640,12 @@ impl Spaces {
                     let mut g = self.lock();
                     match g.core.begin_stop(c, grant.lease, payload.len() as u64) {
                         Ok(p) => p,
-                        Err(r) => return write_fail(r),
+                        Err(r) => {
+                            // the lease was taken for this write only
+                            let fx = g.core.cancel(grant.lease);
+                            self.apply(&mut g, fx);
+                            return write_fail(r);
+                        }
                     }
                 };
                 self.publish(plan, Some(&payload))
@@ -734,7 +829,12 @@ impl Spaces {
             LeaseOutcome::Granted(grant) => {
                 let plan = match g.core.begin_stop(c, grant.lease, payload.len() as u64) {
                     Ok(p) => p,
-                    Err(r) => return Step::Done(write_fail(r)),
+                    Err(r) => {
+                        // the lease was taken for this write only
+                        let fx = g.core.cancel(grant.lease);
+                        self.apply(&mut g, fx);
+                        return Step::Done(write_fail(r));
+                    }
                 };
                 drop(g);
                 Step::Done(self.publish(plan, Some(&payload)))
@@ -770,6 +870,10 @@ impl Spaces {
         };
         let result = (|| -> Result<(u64, u32), Reason> {
             let region = region?;
+            if let Some(meta) = &plan.reserve {
+                // versions above the recorded reservation are not handed out
+                self.durable.put_space(meta).map_err(io_reason)?;
+            }
             let over = || fail(ReasonKind::TooLarge, "length over the slot size");
             // the bytes to store (durable spaces) and their checksum; a lease's buffer in
             // the slot is copied out only when it must go to disk
@@ -971,6 +1075,22 @@ impl Spaces {
             },
         }
     }
+}
+
+/// Effects without the chunk records (already stored by the request).
+fn without_chunk_records(fx: Vec<Effect>) -> Vec<Effect> {
+    fx.into_iter()
+        .filter(|e| !matches!(e, Effect::StoreChunk { .. }))
+        .collect()
+}
+
+/// Half the size of the filesystem of `dir` (the shm dir), at least 1 GiB: the default
+/// limit of all cache regions together.
+fn default_max_shm(dir: &std::path::Path) -> u64 {
+    let size = rustix::fs::statvfs(dir)
+        .map(|v| v.f_blocks.saturating_mul(v.f_frsize))
+        .unwrap_or(0);
+    (size / 2).max(1 << 30)
 }
 
 fn invalidate_reply(o: InvalidateOutcome) -> SpaceReply {

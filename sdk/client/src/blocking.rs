@@ -359,13 +359,42 @@ impl Client {
         ops::hosts(self.space(&req, &[])?.0)
     }
 
-    /// A chunk list.
+    /// A chunk list (all of it: the daemon answers in pages, fetched here one by one).
     pub fn chunks(&mut self, space: &str, list: ChunkList) -> Result<ChunkListStatus, ClientError> {
+        let (mut all, mut after) = (Vec::new(), None);
+        loop {
+            let req = SpaceRequest::Chunks {
+                space: space.into(),
+                list,
+                after: after.clone(),
+                limit: None,
+            };
+            match ops::chunk_page(self.space(&req, &[])?.0)? {
+                Ok(page) => match ops::next_page(&mut all, &after, page) {
+                    Some(n) => after = Some(n),
+                    None => return Ok(ChunkListStatus::Ok(all)),
+                },
+                Err(reason) => return Ok(ChunkListStatus::Fail(reason)),
+            }
+        }
+    }
+
+    /// One page of a chunk list: up to `limit` entries (capped by the daemon) of chunks
+    /// named after `after`, and the `after` of the next page (`None`: this was the last).
+    pub fn chunks_page(
+        &mut self,
+        space: &str,
+        list: ChunkList,
+        after: Option<&str>,
+        limit: Option<u32>,
+    ) -> Result<Result<ChunkPage, Reason>, ClientError> {
         let req = SpaceRequest::Chunks {
             space: space.into(),
             list,
+            after: after.map(str::to_string),
+            limit,
         };
-        ops::chunks(self.space(&req, &[])?.0)
+        ops::chunk_page(self.space(&req, &[])?.0)
     }
 
     /// Where the space's shared-memory cache is.

@@ -114,12 +114,22 @@ impl AsyncClient {
         space: &str,
         list: ChunkList,
     ) -> Result<ChunkListStatus, ClientError> {
-        let space = space.into();
-        ops::chunks(
-            self.space(SpaceRequest::Chunks { space, list }, &[])
-                .await?
-                .0,
-        )
+        let (mut all, mut after) = (Vec::new(), None);
+        loop {
+            let req = SpaceRequest::Chunks {
+                space: space.into(),
+                list,
+                after: after.clone(),
+                limit: None,
+            };
+            match ops::chunk_page(self.space(req, &[]).await?.0)? {
+                Ok(page) => match ops::next_page(&mut all, &after, page) {
+                    Some(n) => after = Some(n),
+                    None => return Ok(ChunkListStatus::Ok(all)),
+                },
+                Err(reason) => return Ok(ChunkListStatus::Fail(reason)),
+            }
+        }
     }
 
     /// GETCHUNKCACHE_OK / _FAIL.

@@ -139,12 +139,24 @@ pub(crate) fn hosts(r: SpaceReply) -> Result<HostsStatus, ClientError> {
     }
 }
 
-pub(crate) fn chunks(r: SpaceReply) -> Result<ChunkListStatus, ClientError> {
+pub(crate) fn chunk_page(r: SpaceReply) -> Result<Result<ChunkPage, Reason>, ClientError> {
     match r {
-        SpaceReply::ChunksOk { entries } => Ok(ChunkListStatus::Ok(entries)),
-        SpaceReply::ChunksFail { reason } => Ok(ChunkListStatus::Fail(reason)),
+        SpaceReply::ChunksOk { entries, next } => Ok(Ok((entries, next))),
+        SpaceReply::ChunksFail { reason } => Ok(Err(reason)),
         r => Err(other(&r)),
     }
+}
+
+/// Add a page to a whole list; the next `after` (`None`: done). A daemon that does not
+/// move forward ends the list rather than looping.
+pub(crate) fn next_page(
+    all: &mut Vec<ChunkEntry>,
+    after: &Option<String>,
+    page: ChunkPage,
+) -> Option<String> {
+    let (entries, next) = page;
+    all.extend(entries);
+    next.filter(|n| after.as_ref().is_none_or(|a| n > a))
 }
 
 pub(crate) fn cache(r: SpaceReply) -> Result<CacheStatus, ClientError> {

@@ -11,6 +11,13 @@ use serde::{Deserialize, Serialize};
 pub const MAX_SPACE_NAME: usize = 64;
 /// Longest chunk name.
 pub const MAX_CHUNK_NAME: usize = 255;
+/// Largest page of a chunk list (entries): a full page stays well under the frame's header
+/// limit whatever the names.
+pub const CHUNK_PAGE: u32 = 1000;
+
+/// One page of a chunk list: its entries and the `after` of the next page (`None`: the
+/// last page).
+pub type ChunkPage = (Vec<ChunkEntry>, Option<String>);
 
 /// Check a space name: 1–64 bytes of `[A-Za-z0-9._-]`, not starting with `.`.
 pub fn check_space_name(name: &str) -> Result<(), Reason> {
@@ -108,6 +115,8 @@ pub enum ReasonKind {
     Corrupted,
     /// The host is not a member of the space.
     NoHost,
+    /// A quota or host limit of the daemon (`[spaces]` settings) would be exceeded.
+    Quota,
 }
 
 /// Which chunk list (seed: CHUNKLIST_ALL / _ALPHA / _LOCAL).
@@ -182,12 +191,19 @@ pub enum SpaceRequest {
         /// Space.
         space: String,
     },
-    /// A chunk list.
+    /// A chunk list, one page at a time (in chunk name order).
     Chunks {
         /// Space.
         space: String,
         /// Which one.
         list: ChunkList,
+        /// Only chunks whose names sort after this one (the previous page's `next`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        after: Option<String>,
+        /// Most entries in this page (the daemon caps it; default and cap
+        /// [`CHUNK_PAGE`]).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        limit: Option<u32>,
     },
     /// Where the space's shared-memory chunk cache is.
     Cache {
@@ -321,7 +337,12 @@ pub enum SpaceReply {
     #[serde(rename = "SPACEGETHOSTS_NOEXIST")]
     HostsNoExist,
     #[serde(rename = "GETCHUNKLIST_OK")]
-    ChunksOk { entries: Vec<ChunkEntry> },
+    ChunksOk {
+        entries: Vec<ChunkEntry>,
+        /// More entries follow: ask again with `after` set to this.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        next: Option<String>,
+    },
     #[serde(rename = "GETCHUNKLIST_FAIL")]
     ChunksFail { reason: Reason },
     #[serde(rename = "GETCHUNKCACHE_OK")]
