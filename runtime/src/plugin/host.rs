@@ -343,7 +343,8 @@ impl PluginHost {
                         std::thread::sleep(tick);
                         engine.increment_epoch();
                     }
-                })?;
+                })
+                .map_err(|e| anyhow::anyhow!("cannot start the plugin epoch thread: {e}"))?;
         }
         Ok(PluginHost {
             inner: Arc::new(Inner {
@@ -1380,10 +1381,30 @@ fn guarded_compile<T>(
 ) -> Result<T, LoadError> {
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(compile)) {
         Ok(Ok(t)) => Ok(t),
-        Ok(Err(e)) => Err(LoadError::Invalid {
-            plugin: plugin.into(),
-            detail: chain(&e),
-        }),
+        Ok(Err(e)) => {
+            let detail = chain(&e);
+            // The compiler's own resources (code memory, threads) failing is the host's
+            // fault, not a property of the component.
+            let resources = e
+                .chain()
+                .any(|c| c.downcast_ref::<std::io::Error>().is_some())
+                || ["mmap", "os error", "Cannot allocate memory"]
+                    .iter()
+                    .any(|w| detail.contains(w));
+            Err(if resources {
+                LoadError::Host {
+                    plugin: plugin.into(),
+                    detail: format!(
+                        "compilation failed for lack of resources (threads, memory maps?): {detail}"
+                    ),
+                }
+            } else {
+                LoadError::Invalid {
+                    plugin: plugin.into(),
+                    detail,
+                }
+            })
+        }
         Err(panic) => {
             let what = panic
                 .downcast_ref::<&str>()
@@ -1583,6 +1604,12 @@ mod tests {
         let r: Result<(), LoadError> =
             guarded_compile("p", || Err(wasmtime::Error::msg("bad bytes")));
         assert!(matches!(r, Err(LoadError::Invalid { .. })));
+        let r: Result<(), LoadError> = guarded_compile("p", || {
+            Err(wasmtime::Error::new(std::io::Error::from_raw_os_error(
+                libc::ENOMEM,
+            )))
+        });
+        assert!(matches!(r, Err(LoadError::Host { .. })), "{r:?}");
     }
 
     /// The compile pool is built (or found built) once; a host compiles either way.
