@@ -17,6 +17,7 @@
 //! wasi_deadline_ms = 2000             # deadline of WASI-importing (interpreted) plugins...
 //! wasi_min_deadline_ms = 1000         # ...whose slot deadline is below this minimum
 //! kv_flush_ms = 100                   # plugin kv state is committed at least this often
+//! init_deadline_ms = 1000             # least deadline of the init self-test at load/restore
 //!
 //! [spaces]
 //! host_id = "node1"                   # default: the machine's host name
@@ -121,6 +122,10 @@ pub struct PluginConfig {
     /// Longest time an acknowledged change of a plugin's kv state waits in memory before the
     /// background writer commits it (what a `kill -9` may lose).
     pub kv_flush_ms: u64,
+    /// Least deadline of the self-test (`init` of a first instance) at load, swap and
+    /// restore: a busy host must not refuse a load, or drop a slot at a restart, because a
+    /// 10 ms `init` was descheduled once.
+    pub init_deadline_ms: u64,
 }
 
 impl Default for PluginConfig {
@@ -137,6 +142,7 @@ impl Default for PluginConfig {
             wasi_deadline_ms: 2000,
             wasi_min_deadline_ms: 1000,
             kv_flush_ms: 100,
+            init_deadline_ms: 1000,
         }
     }
 }
@@ -187,6 +193,10 @@ impl Config {
         anyhow::ensure!(
             (1..=60_000).contains(&self.plugins.kv_flush_ms),
             "plugins.kv_flush_ms must be 1..=60000"
+        );
+        anyhow::ensure!(
+            self.plugins.init_deadline_ms <= 60_000,
+            "plugins.init_deadline_ms must be at most 60000"
         );
         anyhow::ensure!(
             (1..=crate::dm::core::MAX_ERRNO).contains(&self.dm.timeout_errno),

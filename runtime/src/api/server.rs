@@ -163,6 +163,7 @@ impl Daemon {
             max_name_bytes: p.max_name_bytes,
             wasi_deadline_ms: p.wasi_deadline_ms,
             wasi_min_deadline_ms: p.wasi_min_deadline_ms,
+            init_deadline_ms: p.init_deadline_ms,
             ..HostConfig::default()
         };
         let host = PluginHost::new(host_cfg, kv)?;

@@ -50,6 +50,10 @@ pub struct HostConfig {
     pub wasi_deadline_ms: u64,
     /// Smallest deadline a WASI-importing component runs with (0: no minimum).
     pub wasi_min_deadline_ms: u64,
+    /// Least deadline of the self-test (instantiation and `init`) at load, swap and restore,
+    /// so a momentarily busy host neither refuses a load nor loses a slot at a restart.
+    /// Instances created for a call start within the call's deadline.
+    pub init_deadline_ms: u64,
 }
 
 impl Default for HostConfig {
@@ -67,6 +71,7 @@ impl Default for HostConfig {
             max_name_bytes: 1024,
             wasi_deadline_ms: 2000,
             wasi_min_deadline_ms: 1000,
+            init_deadline_ms: 1000,
         }
     }
 }
@@ -391,8 +396,12 @@ impl PluginHost {
     }
 
     fn deadline_ticks(&self, settings: &SlotSettings) -> u64 {
+        self.ticks(settings.deadline_ms)
+    }
+
+    fn ticks(&self, deadline_ms: u64) -> u64 {
         let tick = self.inner.cfg.epoch_tick.as_nanos().max(1) as u64;
-        (settings.deadline_ms * 1_000_000).div_ceil(tick) + 1
+        (deadline_ms * 1_000_000).div_ceil(tick) + 1
     }
 
     /// Check that `component` is a component of `kind`'s world at our WIT version.
@@ -577,7 +586,14 @@ impl PluginHost {
         // Self-test: a first instance must come up and accept the config. It seeds the pool.
         let t1 = Instant::now();
         let live = self
-            .instantiate(plugin, &version)
+            .instantiate(
+                plugin,
+                &version,
+                version
+                    .settings
+                    .deadline_ms
+                    .max(self.inner.cfg.init_deadline_ms),
+            )
             .map_err(|(kind, detail)| match kind {
                 FailureKind::PluginError => LoadError::InitRefused {
                     plugin: name.clone(),
@@ -619,11 +635,12 @@ impl PluginHost {
         ))
     }
 
-    /// A fresh instance of `version`, `init` done.
+    /// A fresh instance of `version`, `init` done within `deadline_ms`.
     fn instantiate(
         &self,
         plugin: &Arc<str>,
         version: &Version,
+        deadline_ms: u64,
     ) -> Result<Live, (FailureKind, String)> {
         let state = HostState {
             slot: plugin.clone(),
@@ -640,7 +657,7 @@ impl PluginHost {
         };
         let mut store = Store::new(&self.inner.engine, state);
         store.limiter(|s| &mut s.limits);
-        store.set_epoch_deadline(self.deadline_ticks(&version.settings));
+        store.set_epoch_deadline(self.ticks(deadline_ms));
         store.epoch_deadline_trap();
         let fail = |store: &Store<HostState>, e: wasmtime::Error| {
             (classify(&e, store.data().limits.memory_hit), chain(&e))
@@ -683,7 +700,7 @@ impl PluginHost {
         let pooled = lock(&version.idle).pop();
         let mut live = match pooled {
             Some(l) => l,
-            None => match self.instantiate(&slot.name, &version) {
+            None => match self.instantiate(&slot.name, &version, version.settings.deadline_ms) {
                 Ok(l) => l,
                 Err((kind, detail)) => {
                     let kind = if kind == FailureKind::PluginError {
