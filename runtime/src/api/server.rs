@@ -242,6 +242,7 @@ impl Daemon {
                     tracing::info!(plugin = %name, version = id, ?cache, compile_ms, source = %source, "plugin restored");
                 }
                 Err(e) => {
+                    let e = crate::plugin::escape_controls(&e.to_string()).into_owned();
                     tracing::error!(plugin = %name, source = %source, "could not restore plugin version: {e}")
                 }
             }

@@ -387,3 +387,18 @@ impl<'de> serde::Deserialize<'de> for RegionFlags {
         Ok(out)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::escape_controls;
+
+    #[test]
+    fn control_characters_are_escaped() {
+        assert_eq!(escape_controls("plain text \\ ok"), "plain text \\ ok");
+        assert_eq!(
+            escape_controls("a\nFORGED\r\u{1b}[2K\t\u{7f}é"),
+            "a\\nFORGED\\r\\u{1b}[2K\\t\\u{7f}é"
+        );
+        assert!(!escape_controls("x\u{85}y").contains('\u{85}'));
+    }
+}

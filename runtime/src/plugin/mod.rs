@@ -30,6 +30,7 @@ mod settings;
 mod stats;
 mod wasi;
 
+pub(crate) use bindings::escape_controls;
 pub use bindings::{
     Action, CancelEvent, ChunkMove, ChunkPlacement, ChunkRef, DataEvent, DestroyEvent, DmBackend,
     DmError, Event, EventData, EventType, Extent, ExtentType, FileStat, HostInfo, MembershipChange,
