@@ -13,6 +13,13 @@
 //! max_component_bytes = 67108864
 //! max_config_bytes = 65536
 //! precompiled_cache = true
+//! max_hosts = 1024                    # most hosts a place/rebalance request may name
+//! max_rebalance_chunks = 100000       # most chunks a rebalance request may name
+//! max_name_bytes = 1024               # longest host id / space / chunk name in a request
+//! wasi_deadline_ms = 2000             # deadline of WASI-importing (interpreted) plugins...
+//! wasi_min_deadline_ms = 1000         # ...whose slot deadline is below this minimum
+//! kv_flush_ms = 100                   # plugin kv state is committed at least this often
+//! init_deadline_ms = 1000             # least deadline of the init self-test at load/restore
 //!
 //! [spaces]
 //! host_id = "node1"                   # default: the machine's host name
@@ -223,6 +230,26 @@ pub struct PluginConfig {
     pub max_config_bytes: usize,
     /// Keep precompiled components under `data_dir/cache`.
     pub precompiled_cache: bool,
+    /// Most hosts a `place` request (and each host list of a `rebalance`) may name; more is
+    /// refused as the caller's error before the plugin runs.
+    pub max_hosts: usize,
+    /// Most chunks a `rebalance` request may name.
+    pub max_rebalance_chunks: usize,
+    /// Longest host id, space or chunk name a `place`/`rebalance` request may carry.
+    pub max_name_bytes: usize,
+    /// Deadline of components that import WASI (interpreted plugins such as componentize-py
+    /// ones, whose calls take milliseconds) when their slot asks for less than
+    /// `wasi_min_deadline_ms`.
+    pub wasi_deadline_ms: u64,
+    /// Smallest deadline a WASI-importing component runs with (0: no minimum).
+    pub wasi_min_deadline_ms: u64,
+    /// Longest time an acknowledged change of a plugin's kv state waits in memory before the
+    /// background writer commits it (what a `kill -9` may lose).
+    pub kv_flush_ms: u64,
+    /// Least deadline of the self-test (`init` of a first instance) at load, swap and
+    /// restore: a busy host must not refuse a load, or drop a slot at a restart, because a
+    /// 10 ms `init` was descheduled once.
+    pub init_deadline_ms: u64,
 }
 
 impl Default for PluginConfig {
@@ -233,6 +260,13 @@ impl Default for PluginConfig {
             max_component_bytes: 64 << 20,
             max_config_bytes: 64 << 10,
             precompiled_cache: true,
+            max_hosts: 1024,
+            max_rebalance_chunks: 100_000,
+            max_name_bytes: 1024,
+            wasi_deadline_ms: 2000,
+            wasi_min_deadline_ms: 1000,
+            kv_flush_ms: 100,
+            init_deadline_ms: 1000,
         }
     }
 }
@@ -271,6 +305,23 @@ impl Config {
         anyhow::ensure!(
             self.plugins.memory_limit >= 1 << 20,
             "plugins.memory_limit must be at least 1 MiB"
+        );
+        anyhow::ensure!(
+            self.plugins.max_hosts > 0 && self.plugins.max_name_bytes > 0,
+            "plugins.max_hosts and plugins.max_name_bytes must be positive"
+        );
+        anyhow::ensure!(
+            (1..=60_000).contains(&self.plugins.wasi_deadline_ms)
+                && self.plugins.wasi_min_deadline_ms <= 60_000,
+            "plugins.wasi_deadline_ms must be 1..=60000 and wasi_min_deadline_ms at most 60000"
+        );
+        anyhow::ensure!(
+            (1..=60_000).contains(&self.plugins.kv_flush_ms),
+            "plugins.kv_flush_ms must be 1..=60000"
+        );
+        anyhow::ensure!(
+            self.plugins.init_deadline_ms <= 60_000,
+            "plugins.init_deadline_ms must be at most 60000"
         );
         anyhow::ensure!(
             (1..=crate::dm::core::MAX_ERRNO).contains(&self.dm.timeout_errno),

@@ -309,10 +309,14 @@ impl Db {
     }
 }
 
-/// The daemon's metadata store.
+/// The daemon's metadata store. Cheap to clone (clones share the database).
+#[derive(Clone)]
 pub struct Store {
     db: Arc<Db>,
     blobs: PathBuf,
+    /// Held by whoever writes a blob and the record naming it, and by the blob collector,
+    /// so a blob is never removed between being written and being recorded.
+    blob_lock: Arc<std::sync::Mutex<()>>,
 }
 
 impl Store {
@@ -336,12 +340,43 @@ impl Store {
         Ok(Store {
             db: Arc::new(db),
             blobs: data_dir.join("plugins"),
+            blob_lock: Arc::default(),
         })
     }
 
     /// The database, shared with the plugin key-value store.
     pub fn db(&self) -> Arc<Db> {
         self.db.clone()
+    }
+
+    /// Hold off the blob collector while a blob and the record naming it are written.
+    pub fn blob_guard(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.blob_lock.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Remove the component files no slot record names any more (after an unload, or when a
+    /// version falls out of a slot's history); how many were removed.
+    pub fn remove_unreferenced_blobs(&self) -> anyhow::Result<usize> {
+        let _g = self.blob_guard();
+        let mut keep = std::collections::BTreeSet::new();
+        for (_, rec) in self.slots()? {
+            keep.insert(rec.digest.clone());
+            keep.extend(rec.history.iter().map(|v| v.digest.clone()));
+        }
+        let mut removed = 0;
+        for entry in std::fs::read_dir(&self.blobs)? {
+            let entry = entry?;
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else { continue };
+            let Some(digest) = name.strip_suffix(".wasm") else {
+                continue;
+            };
+            if digest.len() == 64 && !keep.contains(digest) {
+                std::fs::remove_file(entry.path())?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
     }
 
     /// Keep a component's bytes (content-addressed, written atomically).

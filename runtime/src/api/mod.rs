@@ -23,7 +23,7 @@ pub mod server;
 
 use crate::plugin::{
     CacheOutcome, ChunkMove, ChunkRef, FailureKind, Fault, HostInfo, MembershipChange, PluginKind,
-    SlotInfo, SlotSettings, SwapReport, VersionInfo,
+    SlotInfo, SlotSettings, StateCursor, StatePage, SwapReport, VersionInfo,
 };
 use serde::{Deserialize, Serialize};
 
@@ -71,10 +71,13 @@ pub enum Request {
     },
     /// All slots with versions and counters.
     PluginList,
-    /// A slot's key-value state.
+    /// A page of a slot's key-value state (replies are paged: a state of any size fits).
     PluginState {
         /// Slot name.
         name: String,
+        /// Where the page starts: the `next` of the previous page; absent for the first.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        from: Option<StateCursor>,
     },
     /// Ask a placement slot to order hosts for a chunk.
     Place {
@@ -202,8 +205,9 @@ pub enum Reply {
     Unloaded,
     /// The slots.
     Plugins(Vec<SlotInfo>),
-    /// A slot's key-value state: (key, value) pairs in key order.
-    State(Vec<(String, Vec<u8>)>),
+    /// A page of a slot's key-value state: value parts in key order, and where the next
+    /// page starts (a value too large for one page is split over several).
+    State(StatePage),
     /// A placement answer.
     Placed {
         /// Hosts, alpha first.

@@ -83,26 +83,107 @@ fn call_err(e: CallError) -> Reply {
                 errno: Some(errno),
             })
         }
+        CallError::Invalid { .. } => err("invalid", Fault::Caller, e),
         other => err("call", Fault::Plugin, other),
     }
 }
+
+/// Record the slot `name` as the host has it now; `component` is the current version's
+/// bytes when they are new to the store (stored first, so a record never names a missing
+/// blob). Component files no record names any more are removed after.
+fn record_slot(
+    host: &PluginHost,
+    store: &Store,
+    name: &str,
+    component: Option<&[u8]>,
+) -> anyhow::Result<()> {
+    {
+        let _g = store.blob_guard();
+        let info = host.get(name)?;
+        if let Some(bytes) = component {
+            store.put_blob(&info.current.digest, bytes)?;
+        }
+        store.put_slot(
+            name,
+            &SlotRecord {
+                kind: info.kind,
+                digest: info.current.digest,
+                source: info.current.source,
+                settings: info.settings,
+                history: info
+                    .history
+                    .iter()
+                    .rev()
+                    .map(|v| RecordedVersion {
+                        digest: v.digest.clone(),
+                        source: v.source.clone(),
+                        settings: v.settings.clone(),
+                    })
+                    .collect(),
+            },
+        )?;
+    }
+    if let Err(e) = store.remove_unreferenced_blobs() {
+        tracing::warn!(plugin = %name, "cannot remove unused plugin files: {e}");
+    }
+    Ok(())
+}
+
+/// `slots` as an unprivileged caller sees them: without the slots' configs (they may hold
+/// what only the operator should read).
+fn without_configs(mut slots: Vec<crate::plugin::SlotInfo>) -> Vec<crate::plugin::SlotInfo> {
+    for s in &mut slots {
+        s.settings.config.clear();
+        s.current.settings.config.clear();
+        for v in &mut s.history {
+            v.settings.config.clear();
+        }
+    }
+    slots
+}
+
+/// JSON bytes a `plugin-state` page may take (well under the frame's header limit).
+const STATE_PAGE_BUDGET: usize = 256 << 10;
 
 impl Daemon {
     /// Open the store, start the plugin host and load the recorded slots.
     pub fn open(cfg: Config) -> anyhow::Result<Daemon> {
         crate::store::prepare_data_dir(&cfg.data_dir)?;
         let store = Store::open(&cfg.data_dir)?;
-        let kv = Arc::new(RedbKv::new(store.db()).map_err(|e| anyhow::anyhow!("plugin kv: {e}"))?);
+        let kv = Arc::new(
+            RedbKv::with_flush_interval(
+                store.db(),
+                std::time::Duration::from_millis(cfg.plugins.kv_flush_ms),
+            )
+            .map_err(|e| anyhow::anyhow!("plugin kv: {e}"))?,
+        );
+        let p = &cfg.plugins;
         let host_cfg = HostConfig {
-            cache_dir: cfg
-                .plugins
-                .precompiled_cache
-                .then(|| cfg.data_dir.join("cache")),
-            max_component_bytes: cfg.plugins.max_component_bytes,
-            max_config_bytes: cfg.plugins.max_config_bytes,
+            cache_dir: p.precompiled_cache.then(|| cfg.data_dir.join("cache")),
+            max_component_bytes: p.max_component_bytes,
+            max_config_bytes: p.max_config_bytes,
+            max_hosts: p.max_hosts,
+            max_rebalance_chunks: p.max_rebalance_chunks,
+            max_name_bytes: p.max_name_bytes,
+            wasi_deadline_ms: p.wasi_deadline_ms,
+            wasi_min_deadline_ms: p.wasi_min_deadline_ms,
+            init_deadline_ms: p.init_deadline_ms,
             ..HostConfig::default()
         };
         let host = PluginHost::new(host_cfg, kv)?;
+        {
+            // An automatic rollback (inside a call) is recorded like a manual one, so a
+            // restart does not bring the rolled-back version back.
+            let store = store.clone();
+            host.on_rollback(Arc::new(
+                move |host: &PluginHost, name: &str| match record_slot(host, &store, name, None) {
+                    Ok(()) => tracing::info!(plugin = %name, "automatic rollback recorded"),
+                    Err(e) => {
+                        tracing::error!(plugin = %name, "automatic rollback not recorded: {e}")
+                    }
+                },
+            ));
+        }
         let uid = own_uid();
         let spaces = Spaces::open(
             cfg.spaces.clone(),
@@ -165,6 +246,7 @@ impl Daemon {
                     tracing::info!(plugin = %name, version = id, ?cache, compile_ms, source = %source, "plugin restored");
                 }
                 Err(e) => {
+                    let e = crate::plugin::escape_controls(&e.to_string()).into_owned();
                     tracing::error!(plugin = %name, source = %source, "could not restore plugin version: {e}")
                 }
             }
@@ -190,29 +272,7 @@ impl Daemon {
     /// Record the slot as it is now; `component` is the current version's bytes when they
     /// are new to the store (stored first, so a record never names a missing blob).
     fn record(&self, name: &str, component: Option<&[u8]>) -> anyhow::Result<()> {
-        let info = self.host.get(name)?;
-        if let Some(bytes) = component {
-            self.store.put_blob(&info.current.digest, bytes)?;
-        }
-        self.store.put_slot(
-            name,
-            &SlotRecord {
-                kind: info.kind,
-                digest: info.current.digest,
-                source: info.current.source,
-                settings: info.settings,
-                history: info
-                    .history
-                    .iter()
-                    .rev()
-                    .map(|v| RecordedVersion {
-                        digest: v.digest.clone(),
-                        source: v.source.clone(),
-                        settings: v.settings.clone(),
-                    })
-                    .collect(),
-            },
-        )
+        record_slot(&self.host, &self.store, name, component)
     }
 
     /// Serve one request. Blocking (plugin calls run here): call from a blocking thread.
@@ -279,18 +339,35 @@ impl Daemon {
             },
             Request::PluginUnload { name } => match self.host.unload(&name) {
                 Ok(()) => {
+                    // The slot's kv state went with it (PluginHost::unload); its component
+                    // files go when no other slot names them.
                     if let Err(e) = self.store.remove_slot(&name) {
                         tracing::error!(plugin = %name, "unloaded but not removed from the registry: {e}");
+                    } else if let Err(e) = self.store.remove_unreferenced_blobs() {
+                        tracing::warn!(plugin = %name, "cannot remove unused plugin files: {e}");
                     }
                     Reply::Unloaded
                 }
                 Err(e) => slot_err(e),
             },
-            Request::PluginList => Reply::Plugins(self.host.list()),
-            Request::PluginState { name } => match self.host.state(&name) {
-                Ok(kv) => Reply::State(kv),
-                Err(e) => slot_err(e),
-            },
+            Request::PluginList => {
+                let slots = self.host.list();
+                let privileged = matches!(peer_uid, Some(0)) || peer_uid == Some(self.uid);
+                Reply::Plugins(if privileged {
+                    slots
+                } else {
+                    without_configs(slots)
+                })
+            }
+            Request::PluginState { name, from } => {
+                match self
+                    .host
+                    .state_page(&name, from.as_ref(), STATE_PAGE_BUDGET)
+                {
+                    Ok(page) => Reply::State(page),
+                    Err(e) => slot_err(e),
+                }
+            }
             Request::Place {
                 slot,
                 chunk,
@@ -1051,6 +1128,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     daemon.spaces.shutdown();
     daemon.router.shutdown();
     daemon.mounts.shutdown();
+    // acknowledged plugin kv changes still in memory are committed before exiting
+    daemon.host.flush_state();
     Ok(())
 }
 

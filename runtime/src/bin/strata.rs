@@ -388,6 +388,9 @@ fn plugin(cli: &Cli, cmd: &PluginCmd) -> anyhow::Result<()> {
                     "loaded {name} v{} ({} bytes, sha256 {}…, cache {}, compile {:.1} ms, self-test {:.1} ms)",
                     v.id, v.size, &v.digest[..12], cache_word(v.cache), v.compile_ms, v.selftest_ms
                 );
+                for n in &v.notes {
+                    println!("note: {n}");
+                }
             }
         }
         PluginCmd::Swap {
@@ -413,6 +416,9 @@ fn plugin(cli: &Cli, cmd: &PluginCmd) -> anyhow::Result<()> {
                     "swapped {name}: v{} -> v{} (compile {:.1} ms, cache {}, self-test {:.1} ms, switch {} ns)",
                     r.from, r.to, r.compile_ms, cache_word(r.cache), r.selftest_ms, r.switch_ns
                 );
+                for n in &r.notes {
+                    println!("note: {n}");
+                }
             }
         }
         PluginCmd::List { json } => {
@@ -425,18 +431,59 @@ fn plugin(cli: &Cli, cmd: &PluginCmd) -> anyhow::Result<()> {
             }
         }
         PluginCmd::State { name } => {
-            if let Reply::State(kv) =
-                connect(cli)?.request(&Request::PluginState { name: name.clone() }, b"")?
-            {
-                for (k, v) in kv {
-                    match std::str::from_utf8(&v) {
-                        Ok(text) => println!("{k}\t{text}"),
-                        Err(_) => println!(
-                            "{k}\t0x{}",
-                            v.iter().map(|b| format!("{b:02x}")).collect::<String>()
-                        ),
+            // The daemon answers in pages; a value may be split over several.
+            let mut c = connect(cli)?;
+            let mut from = None;
+            let mut value: Option<(String, Vec<u8>)> = None;
+            // control characters (a newline in a value) are shown escaped: one line per key
+            let printable = |t: &str| -> String {
+                t.chars()
+                    .flat_map(|c| {
+                        let e: Vec<char> = if c.is_control() {
+                            c.escape_default().collect()
+                        } else {
+                            vec![c]
+                        };
+                        e
+                    })
+                    .collect()
+            };
+            let print = |k: &str, v: &[u8]| match std::str::from_utf8(v) {
+                Ok(text) => println!("{}\t{}", printable(k), printable(text)),
+                Err(_) => println!(
+                    "{}\t0x{}",
+                    printable(k),
+                    v.iter().map(|b| format!("{b:02x}")).collect::<String>()
+                ),
+            };
+            loop {
+                let req = Request::PluginState {
+                    name: name.clone(),
+                    from: from.take(),
+                };
+                let Reply::State(page) = c.request(&req, b"")? else {
+                    bail!("unexpected reply to plugin-state");
+                };
+                for part in page.parts {
+                    match &mut value {
+                        Some((k, v)) if *k == part.key && part.offset > 0 => {
+                            v.extend_from_slice(&part.data)
+                        }
+                        _ => {
+                            if let Some((k, v)) = value.take() {
+                                print(&k, &v);
+                            }
+                            value = Some((part.key, part.data));
+                        }
                     }
                 }
+                match page.next {
+                    Some(n) => from = Some(n),
+                    None => break,
+                }
+            }
+            if let Some((k, v)) = value {
+                print(&k, &v);
             }
         }
         PluginCmd::Rollback { name } => {

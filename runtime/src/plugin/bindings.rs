@@ -157,6 +157,9 @@ impl log::Host for HostState {
         } else {
             &message
         };
+        // A plugin's text never forges log lines: newlines and other control characters
+        // are written escaped.
+        let message = &*escape_controls(message);
         match level {
             log::Level::Trace => tracing::trace!(plugin = slot, "{message}"),
             log::Level::Debug => tracing::debug!(plugin = slot, "{message}"),
@@ -180,6 +183,24 @@ impl clock::Host for HostState {
     fn monotonic_ns(&mut self) -> u64 {
         self.started.elapsed().as_nanos() as u64
     }
+}
+
+/// `text` with control characters (newlines, carriage returns, escapes, ...) written as
+/// Rust escapes (`\n`, `\u{1b}`), so what a plugin (or a client) sends can never start a
+/// new log line or drive a terminal. (Backslashes stay as they are: they cannot forge a line.)
+pub(crate) fn escape_controls(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.chars().any(char::is_control) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
 }
 
 fn kv_err(e: KvError) -> kv::KvError {
@@ -216,6 +237,27 @@ impl kv::Host for HostState {
             tracing::error!(plugin = %self.slot, "kv keys failed: {e}");
             Vec::new()
         })
+    }
+    fn add(&mut self, key: String, delta: u64) -> Result<u64, kv::KvError> {
+        self.kv
+            .add(&self.slot, &key, delta, &self.kv_limits)
+            .map_err(kv_err)
+    }
+    fn compare_and_swap(
+        &mut self,
+        key: String,
+        expected: Option<Vec<u8>>,
+        new: Option<Vec<u8>>,
+    ) -> Result<bool, kv::KvError> {
+        self.kv
+            .compare_and_swap(
+                &self.slot,
+                &key,
+                expected.as_deref(),
+                new.as_deref(),
+                &self.kv_limits,
+            )
+            .map_err(kv_err)
     }
 }
 
@@ -343,5 +385,20 @@ impl<'de> serde::Deserialize<'de> for RegionFlags {
             out |= f.1;
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::escape_controls;
+
+    #[test]
+    fn control_characters_are_escaped() {
+        assert_eq!(escape_controls("plain text \\ ok"), "plain text \\ ok");
+        assert_eq!(
+            escape_controls("a\nFORGED\r\u{1b}[2K\t\u{7f}é"),
+            "a\\nFORGED\\r\\u{1b}[2K\\t\\u{7f}é"
+        );
+        assert!(!escape_controls("x\u{85}y").contains('\u{85}'));
     }
 }

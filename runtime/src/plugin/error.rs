@@ -218,6 +218,18 @@ pub enum CallError {
         /// The errno the operation fails with.
         errno: i32,
     },
+    /// The caller's input is invalid (duplicate or too many hosts, empty or oversized
+    /// names, inconsistent sizes): refused before the plugin ran; the plugin is not blamed
+    /// (its failure counters and automatic rollback do not see it).
+    #[error("plugin '{plugin}' {hook}: invalid request: {detail}")]
+    Invalid {
+        /// Slot name.
+        plugin: String,
+        /// The hook that was asked for.
+        hook: &'static str,
+        /// What is wrong with the input.
+        detail: String,
+    },
     /// No instance could be created for the call (e.g. `init` failed on a fresh instance).
     #[error("plugin '{plugin}': no instance available: {detail}")]
     Unavailable {

@@ -39,6 +39,21 @@ pub struct HostConfig {
     pub history: usize,
     /// Limits of each slot's key-value store.
     pub kv_limits: KvLimits,
+    /// Most hosts a `place` request (and each host list of a `rebalance`) may name.
+    pub max_hosts: usize,
+    /// Most chunks a `rebalance` request may name.
+    pub max_rebalance_chunks: usize,
+    /// Longest host id, space or chunk name in a request, in bytes.
+    pub max_name_bytes: usize,
+    /// Deadline given to components that import WASI (interpreted ones, e.g. componentize-py)
+    /// when their slot's deadline is below `wasi_min_deadline_ms`.
+    pub wasi_deadline_ms: u64,
+    /// Smallest deadline a WASI-importing component runs with (0: no minimum).
+    pub wasi_min_deadline_ms: u64,
+    /// Least deadline of the self-test (instantiation and `init`) at load, swap and restore,
+    /// so a momentarily busy host neither refuses a load nor loses a slot at a restart.
+    /// Instances created for a call start within the call's deadline.
+    pub init_deadline_ms: u64,
 }
 
 impl Default for HostConfig {
@@ -51,6 +66,12 @@ impl Default for HostConfig {
             max_idle_instances: 16,
             history: 4,
             kv_limits: KvLimits::default(),
+            max_hosts: 1024,
+            max_rebalance_chunks: 100_000,
+            max_name_bytes: 1024,
+            wasi_deadline_ms: 2000,
+            wasi_min_deadline_ms: 1000,
+            init_deadline_ms: 1000,
         }
     }
 }
@@ -89,6 +110,44 @@ pub struct VersionInfo {
     pub stats: Stats,
     /// The settings it runs with.
     pub settings: SlotSettings,
+    /// Whether the component imports WASI (an interpreted component, e.g. componentize-py).
+    #[serde(default)]
+    pub wasi: bool,
+    /// What the host adjusted or wants the operator to know (e.g. a raised deadline).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
+}
+
+/// Where a page of a slot's state starts: a key, and an offset in its value.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StateCursor {
+    /// The key.
+    pub key: String,
+    /// Offset in its value (0 but for a value split over pages).
+    #[serde(default)]
+    pub offset: u64,
+}
+
+/// A part of one value of a slot's state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatePart {
+    /// The key.
+    pub key: String,
+    /// Where `data` starts in the value.
+    pub offset: u64,
+    /// The value's whole length.
+    pub total: u64,
+    /// The bytes.
+    pub data: Vec<u8>,
+}
+
+/// One page of a slot's key-value state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatePage {
+    /// Parts in key order.
+    pub parts: Vec<StatePart>,
+    /// Where the next page starts; `None` on the last page.
+    pub next: Option<StateCursor>,
 }
 
 /// A slot, as `list` shows it.
@@ -125,6 +184,9 @@ pub struct SwapReport {
     pub switch_ns: u64,
     /// Cache outcome of the new version.
     pub cache: CacheOutcome,
+    /// What the host adjusted or wants the operator to know (e.g. a raised deadline).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
 }
 
 enum Pre {
@@ -152,6 +214,8 @@ struct Version {
     selftest_ms: f64,
     loaded_at: u64,
     settings: Arc<SlotSettings>,
+    wasi: bool,
+    notes: Vec<String>,
     pre: Pre,
     idle: Mutex<Vec<Live>>,
     counters: Counters,
@@ -170,6 +234,8 @@ impl Version {
             loaded_at: self.loaded_at,
             stats: self.counters.snapshot(),
             settings: (*self.settings).clone(),
+            wasi: self.wasi,
+            notes: self.notes.clone(),
         }
     }
 }
@@ -212,7 +278,11 @@ struct Inner {
     next_version: AtomicU64,
     stop: Arc<AtomicBool>,
     started: Instant,
+    on_rollback: RwLock<Option<RollbackHook>>,
 }
+
+/// Called after an automatic rollback, with the slot's name (see [`PluginHost::on_rollback`]).
+pub type RollbackHook = Arc<dyn Fn(&PluginHost, &str) + Send + Sync>;
 
 impl Drop for Inner {
     fn drop(&mut self) {
@@ -248,7 +318,9 @@ impl PluginHost {
     /// is dropped).
     pub fn new(cfg: HostConfig, kv: Arc<dyn KvStore>) -> anyhow::Result<Self> {
         let mut wcfg = wasmtime::Config::new();
-        wcfg.wasm_component_model(true).epoch_interruption(true);
+        wcfg.wasm_component_model(true)
+            .epoch_interruption(true)
+            .parallel_compilation(compile_pool_ready());
         let engine = Engine::new(&wcfg).map_err(|e| anyhow::anyhow!(chain(&e)))?;
         let cache = CompileCache::new(&engine, cfg.cache_dir.clone())?;
         let mut linker_placement = Linker::new(&engine);
@@ -276,7 +348,8 @@ impl PluginHost {
                         std::thread::sleep(tick);
                         engine.increment_epoch();
                     }
-                })?;
+                })
+                .map_err(|e| anyhow::anyhow!("cannot start the plugin epoch thread: {e}"))?;
         }
         Ok(PluginHost {
             inner: Arc::new(Inner {
@@ -290,8 +363,28 @@ impl PluginHost {
                 next_version: AtomicU64::new(1),
                 stop,
                 started: Instant::now(),
+                on_rollback: RwLock::new(None),
             }),
         })
+    }
+
+    /// Have `hook` called (on the calling thread, outside the host's locks) after every
+    /// automatic rollback, so the daemon can record the slot as it is now: a rollback is
+    /// persisted like a swap.
+    pub fn on_rollback(&self, hook: RollbackHook) {
+        *self
+            .inner
+            .on_rollback
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = Some(hook);
+    }
+
+    /// Make every acknowledged change of the plugins' key-value state durable (a clean stop
+    /// calls this; it is also done when the last handle of the store is dropped).
+    pub fn flush_state(&self) {
+        if let Err(e) = self.inner.kv.flush() {
+            tracing::error!("plugin kv store: final flush failed: {e}");
+        }
     }
 
     fn slot(&self, name: &str) -> Result<Arc<Slot>, SlotError> {
@@ -303,8 +396,12 @@ impl PluginHost {
     }
 
     fn deadline_ticks(&self, settings: &SlotSettings) -> u64 {
+        self.ticks(settings.deadline_ms)
+    }
+
+    fn ticks(&self, deadline_ms: u64) -> u64 {
         let tick = self.inner.cfg.epoch_tick.as_nanos().max(1) as u64;
-        (settings.deadline_ms * 1_000_000).div_ceil(tick) + 1
+        (deadline_ms * 1_000_000).div_ceil(tick) + 1
     }
 
     /// Check that `component` is a component of `kind`'s world at our WIT version.
@@ -425,16 +522,21 @@ impl PluginHost {
         }
         let sha = digest(wasm);
         let t0 = Instant::now();
-        let (component, cache) = self
-            .inner
-            .cache
-            .load(&self.inner.engine, wasm, &sha)
-            .map_err(|e| LoadError::Invalid {
-                plugin: name.clone(),
-                detail: chain(&e),
-            })?;
+        let (component, cache) = guarded_compile(&name, || {
+            self.inner.cache.load(&self.inner.engine, wasm, &sha)
+        })?;
         let compile = t0.elapsed();
         self.check_shape(plugin, &component, kind)?;
+        let wasi = imports_wasi(&self.inner.engine, &component);
+        let mut notes = Vec::new();
+        let settings = match self.wasi_settings(wasi, &settings) {
+            Some((adjusted, note)) => {
+                tracing::warn!(plugin = %name, "{note}");
+                notes.push(note);
+                Arc::new(adjusted)
+            }
+            None => settings,
+        };
         let link_err = |e: wasmtime::Error| LoadError::Link {
             plugin: name.clone(),
             detail: chain(&e),
@@ -475,6 +577,8 @@ impl PluginHost {
                 .map(|d| d.as_secs())
                 .unwrap_or(0),
             settings,
+            wasi,
+            notes,
             pre,
             idle: Mutex::new(Vec::new()),
             counters: Counters::default(),
@@ -482,7 +586,14 @@ impl PluginHost {
         // Self-test: a first instance must come up and accept the config. It seeds the pool.
         let t1 = Instant::now();
         let live = self
-            .instantiate(plugin, &version)
+            .instantiate(
+                plugin,
+                &version,
+                version
+                    .settings
+                    .deadline_ms
+                    .max(self.inner.cfg.init_deadline_ms),
+            )
             .map_err(|(kind, detail)| match kind {
                 FailureKind::PluginError => LoadError::InitRefused {
                     plugin: name.clone(),
@@ -501,11 +612,35 @@ impl PluginHost {
         Ok(Arc::new(version))
     }
 
-    /// A fresh instance of `version`, `init` done.
+    /// For a component importing WASI (interpreted: componentize-py, jco), the settings it
+    /// runs with when `settings`' deadline is below the host's minimum for such components,
+    /// and a note saying so; `None` when `settings` stand.
+    fn wasi_settings(&self, wasi: bool, settings: &SlotSettings) -> Option<(SlotSettings, String)> {
+        let cfg = &self.inner.cfg;
+        if !wasi || settings.deadline_ms >= cfg.wasi_min_deadline_ms {
+            return None;
+        }
+        let deadline = cfg.wasi_deadline_ms.max(cfg.wasi_min_deadline_ms);
+        let note = format!(
+            "component imports WASI (an interpreted plugin): deadline raised from {} ms to {deadline} ms \
+             (plugins.wasi_deadline_ms; such components get at least {} ms, plugins.wasi_min_deadline_ms)",
+            settings.deadline_ms, cfg.wasi_min_deadline_ms
+        );
+        Some((
+            SlotSettings {
+                deadline_ms: deadline,
+                ..settings.clone()
+            },
+            note,
+        ))
+    }
+
+    /// A fresh instance of `version`, `init` done within `deadline_ms`.
     fn instantiate(
         &self,
         plugin: &Arc<str>,
         version: &Version,
+        deadline_ms: u64,
     ) -> Result<Live, (FailureKind, String)> {
         let state = HostState {
             slot: plugin.clone(),
@@ -522,7 +657,7 @@ impl PluginHost {
         };
         let mut store = Store::new(&self.inner.engine, state);
         store.limiter(|s| &mut s.limits);
-        store.set_epoch_deadline(self.deadline_ticks(&version.settings));
+        store.set_epoch_deadline(self.ticks(deadline_ms));
         store.epoch_deadline_trap();
         let fail = |store: &Store<HostState>, e: wasmtime::Error| {
             (classify(&e, store.data().limits.memory_hit), chain(&e))
@@ -565,7 +700,7 @@ impl PluginHost {
         let pooled = lock(&version.idle).pop();
         let mut live = match pooled {
             Some(l) => l,
-            None => match self.instantiate(&slot.name, &version) {
+            None => match self.instantiate(&slot.name, &version, version.settings.deadline_ms) {
                 Ok(l) => l,
                 Err((kind, detail)) => {
                     let kind = if kind == FailureKind::PluginError {
@@ -626,21 +761,32 @@ impl PluginHost {
         if calls < p.min_calls || (failed as f64) <= p.max_failure_rate * calls as f64 {
             return;
         }
-        let _g = lock(&slot.mgmt);
-        if !Arc::ptr_eq(&slot.current.load(), version) {
-            return;
+        {
+            let _g = lock(&slot.mgmt);
+            if !Arc::ptr_eq(&slot.current.load(), version) {
+                return;
+            }
+            let Some(prev) = lock(&slot.history).pop() else {
+                return;
+            };
+            slot.current.store(prev.clone());
+            self.retire(slot, version);
+            slot.note(format!(
+                "auto-rollback: version {} failed {failed} of {calls} calls (threshold {:.0}%); version {} serves again",
+                version.id,
+                p.max_failure_rate * 100.0,
+                prev.id
+            ));
         }
-        let Some(prev) = lock(&slot.history).pop() else {
-            return;
-        };
-        slot.current.store(prev.clone());
-        self.retire(slot, version);
-        slot.note(format!(
-            "auto-rollback: version {} failed {failed} of {calls} calls (threshold {:.0}%); version {} serves again",
-            version.id,
-            p.max_failure_rate * 100.0,
-            prev.id
-        ));
+        let hook = self
+            .inner
+            .on_rollback
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if let Some(hook) = hook {
+            hook(self, &slot.name);
+        }
     }
 
     fn retire(&self, slot: &Slot, version: &Version) {
@@ -658,7 +804,8 @@ impl PluginHost {
         fallback: impl FnOnce(FailurePolicy) -> Option<T>,
     ) -> Result<Served<T>, CallError> {
         let policy = version.settings.policy(hook);
-        tracing::warn!(plugin = %slot.name, version = version.id, hook, %kind, policy = ?policy, "{detail}");
+        let shown = super::bindings::escape_controls(&detail);
+        tracing::warn!(plugin = %slot.name, version = version.id, hook, %kind, policy = ?policy, "{shown}");
         match fallback(policy) {
             Some(value) => Ok(Served {
                 value,
@@ -769,6 +916,7 @@ impl PluginHost {
         let new = self.prepare(&slot.name, slot.kind, wasm, source, settings)?;
         let (compile_ms, selftest_ms, cache, to) =
             (new.compile_ms, new.selftest_ms, new.cache, new.id);
+        let notes = new.notes.clone();
         let t = Instant::now();
         let old = slot.current.swap(new);
         let switch_ns = t.elapsed().as_nanos() as u64;
@@ -789,6 +937,7 @@ impl PluginHost {
             selftest_ms,
             switch_ns,
             cache,
+            notes,
         })
     }
 
@@ -806,13 +955,26 @@ impl PluginHost {
         Ok((old.id, to))
     }
 
-    /// Remove the slot; calls in flight finish.
+    /// Remove the slot and its key-value state; calls in flight finish (a key one of them
+    /// writes after the removal stays until a slot of that name is unloaded again).
     pub fn unload(&self, name: &str) -> Result<(), SlotError> {
-        let mut slots = self.inner.slots.write().unwrap_or_else(|p| p.into_inner());
-        slots
-            .remove(name)
-            .map(|_| ())
-            .ok_or_else(|| SlotError::NoSuchSlot(name.into()))
+        {
+            let mut slots = self.inner.slots.write().unwrap_or_else(|p| p.into_inner());
+            slots
+                .remove(name)
+                .ok_or_else(|| SlotError::NoSuchSlot(name.into()))?;
+        }
+        match self.inner.kv.remove_slot(name) {
+            Ok(n) if n > 0 => {
+                tracing::info!(plugin = name, keys = n, "unloaded: key-value state removed")
+            }
+            Ok(_) => {}
+            Err(e) => tracing::error!(
+                plugin = name,
+                "unloaded, but its key-value state could not be removed: {e}"
+            ),
+        }
+        Ok(())
     }
 
     /// Every slot.
@@ -852,6 +1014,80 @@ impl PluginHost {
         }
     }
 
+    /// One page of the slot's key-value state, from `from` (the `next` of the previous
+    /// page; `None`: the beginning), whose JSON encoding takes at most about `budget` bytes
+    /// (at least one part). A value larger than what is left of the page is split over pages; parts
+    /// come in key order, each value's parts in offset order. Pages are read one at a time:
+    /// keys changed between two pages may show either value.
+    pub fn state_page(
+        &self,
+        name: &str,
+        from: Option<&StateCursor>,
+        budget: usize,
+    ) -> Result<StatePage, SlotError> {
+        let slot = self.slot(name)?;
+        let budget = budget.max(1);
+        let (mut key, mut offset) = match from {
+            Some(c) => (c.key.clone(), c.offset),
+            None => (String::new(), 0),
+        };
+        let mut parts = Vec::new();
+        let mut used = 0usize;
+        loop {
+            let batch = self
+                .inner
+                .kv
+                .range(&slot.name, &key, 64)
+                .unwrap_or_default();
+            let last = batch.len() < 64;
+            for (k, v) in batch {
+                if k == key && offset >= v.len() as u64 && offset > 0 {
+                    continue; // the value shrank since the previous page
+                }
+                let start = if k == key { offset as usize } else { 0 };
+                let start = start.min(v.len());
+                // What the part costs in the reply's JSON at worst: escaped key, numbers of
+                // up to 4 characters per byte.
+                let overhead = k.len() * 6 + 64;
+                let room = budget.saturating_sub(used + overhead) / 4;
+                if room == 0 && !parts.is_empty() {
+                    return Ok(StatePage {
+                        parts,
+                        next: Some(StateCursor {
+                            key: k,
+                            offset: start as u64,
+                        }),
+                    });
+                }
+                let take = (v.len() - start).min(room.max(1));
+                let end = start + take;
+                used += overhead + take * 4;
+                let total = v.len() as u64;
+                parts.push(StatePart {
+                    key: k.clone(),
+                    offset: start as u64,
+                    total,
+                    data: v[start..end].to_vec(),
+                });
+                if end < v.len() {
+                    return Ok(StatePage {
+                        parts,
+                        next: Some(StateCursor {
+                            key: k,
+                            offset: end as u64,
+                        }),
+                    });
+                }
+                // the next batch starts after this key
+                key = format!("{k}\0");
+                offset = 0;
+            }
+            if last {
+                return Ok(StatePage { parts, next: None });
+            }
+        }
+    }
+
     /// The slot's key-value state (what its plugin stored with `kv`), keys in byte order.
     pub fn state(&self, name: &str) -> Result<Vec<(String, Vec<u8>)>, SlotError> {
         let slot = self.slot(name)?;
@@ -876,6 +1112,12 @@ impl PluginHost {
         hosts: &[HostInfo],
     ) -> Result<Served<Vec<String>>, CallError> {
         let s = self.typed_slot(slot, PluginKind::Placement)?;
+        self.check_place_input(chunk, hosts)
+            .map_err(|detail| CallError::Invalid {
+                plugin: slot.into(),
+                hook: "place",
+                detail,
+            })?;
         let (version, r) = self.call(&s, None, |store, bound| {
             let Bound::Placement(b) = bound else {
                 unreachable!("slot kind checked at load")
@@ -907,6 +1149,12 @@ impl PluginHost {
         change: &MembershipChange,
     ) -> Result<Served<Vec<ChunkMove>>, CallError> {
         let s = self.typed_slot(slot, PluginKind::Placement)?;
+        self.check_rebalance_input(change)
+            .map_err(|detail| CallError::Invalid {
+                plugin: slot.into(),
+                hook: "rebalance",
+                detail,
+            })?;
         let (version, r) = self.call(&s, None, |store, bound| {
             let Bound::Placement(b) = bound else {
                 unreachable!("slot kind checked at load")
@@ -930,6 +1178,106 @@ impl PluginHost {
                 })
             }
         }
+    }
+
+    /// A name of a request (host id, space, chunk): 1..=max_name_bytes bytes, no control
+    /// characters.
+    fn check_name(&self, what: &str, name: &str) -> Result<(), String> {
+        let max = self.inner.cfg.max_name_bytes;
+        if name.is_empty() {
+            return Err(format!("empty {what}"));
+        }
+        if name.len() > max {
+            return Err(format!(
+                "{what} of {} bytes, the limit is {max} (plugins.max_name_bytes)",
+                name.len()
+            ));
+        }
+        if name.chars().any(char::is_control) {
+            return Err(format!(
+                "{what} '{}' contains control characters",
+                super::bindings::escape_controls(truncate(name))
+            ));
+        }
+        Ok(())
+    }
+
+    /// A host list of a request: at most max_hosts, valid ids, each once, free <= capacity.
+    fn check_hosts(&self, what: &str, hosts: &[HostInfo]) -> Result<(), String> {
+        let max = self.inner.cfg.max_hosts;
+        if hosts.len() > max {
+            return Err(format!(
+                "{} {what}, the limit is {max} (plugins.max_hosts)",
+                hosts.len()
+            ));
+        }
+        let mut seen = BTreeSet::new();
+        for h in hosts {
+            self.check_name("host id", &h.id)?;
+            if !seen.insert(h.id.as_str()) {
+                return Err(format!("host '{}' named twice", truncate(&h.id)));
+            }
+            if h.free_bytes > h.capacity_bytes {
+                return Err(format!(
+                    "host '{}' has {} free bytes of a capacity of {}",
+                    truncate(&h.id),
+                    h.free_bytes,
+                    h.capacity_bytes
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn check_chunk(&self, c: &ChunkRef) -> Result<(), String> {
+        self.check_name("space name", &c.space)?;
+        self.check_name("chunk name", &c.name)
+    }
+
+    /// Caller errors of a `place` request, found before the plugin runs.
+    fn check_place_input(&self, chunk: &ChunkRef, hosts: &[HostInfo]) -> Result<(), String> {
+        self.check_chunk(chunk)?;
+        self.check_hosts("hosts", hosts)
+    }
+
+    /// Caller errors of a `rebalance` request, found before the plugin runs.
+    fn check_rebalance_input(&self, change: &MembershipChange) -> Result<(), String> {
+        self.check_hosts("hosts before", &change.before)?;
+        self.check_hosts("hosts after", &change.after)?;
+        let max = self.inner.cfg.max_rebalance_chunks;
+        if change.chunks.len() > max {
+            return Err(format!(
+                "{} chunks, the limit is {max} (plugins.max_rebalance_chunks)",
+                change.chunks.len()
+            ));
+        }
+        let mut chunks = BTreeSet::new();
+        for c in &change.chunks {
+            self.check_chunk(&c.chunk)?;
+            if !chunks.insert((c.chunk.space.as_str(), c.chunk.name.as_str())) {
+                return Err(format!("chunk '{}' named twice", truncate(&c.chunk.name)));
+            }
+            if c.hosts.len() > self.inner.cfg.max_hosts {
+                return Err(format!(
+                    "chunk '{}' has {} copies, the limit is {} (plugins.max_hosts)",
+                    truncate(&c.chunk.name),
+                    c.hosts.len(),
+                    self.inner.cfg.max_hosts
+                ));
+            }
+            let mut holders = BTreeSet::new();
+            for h in &c.hosts {
+                self.check_name("host id", h)?;
+                if !holders.insert(h.as_str()) {
+                    return Err(format!(
+                        "chunk '{}' names host '{}' twice",
+                        truncate(&c.chunk.name),
+                        truncate(h)
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 
     // ---- dm-policy --------------------------------------------------------------------
@@ -1029,6 +1377,89 @@ impl PluginHost {
                 FailurePolicy::Abort { .. } => None,
                 _ => Some(Vec::new()),
             }),
+        }
+    }
+}
+
+/// Whether the component imports any WASI interface (what interpreted components do).
+fn imports_wasi(engine: &Engine, component: &Component) -> bool {
+    component
+        .component_type()
+        .imports(engine)
+        .any(|(name, _)| name.starts_with("wasi:"))
+}
+
+/// Run a compilation, turning a panic inside the compiler (e.g. a thread pool that could not
+/// start when threads or memory maps are exhausted) into a load error: resource exhaustion
+/// must never take the daemon down.
+fn guarded_compile<T>(
+    plugin: &str,
+    compile: impl FnOnce() -> wasmtime::Result<T>,
+) -> Result<T, LoadError> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(compile)) {
+        Ok(Ok(t)) => Ok(t),
+        Ok(Err(e)) => {
+            let detail = chain(&e);
+            // The compiler's own resources (code memory, threads) failing is the host's
+            // fault, not a property of the component.
+            let resources = e
+                .chain()
+                .any(|c| c.downcast_ref::<std::io::Error>().is_some())
+                || ["mmap", "os error", "Cannot allocate memory"]
+                    .iter()
+                    .any(|w| detail.contains(w));
+            Err(if resources {
+                LoadError::Host {
+                    plugin: plugin.into(),
+                    detail: format!(
+                        "compilation failed for lack of resources (threads, memory maps?): {detail}"
+                    ),
+                }
+            } else {
+                LoadError::Invalid {
+                    plugin: plugin.into(),
+                    detail,
+                }
+            })
+        }
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            tracing::error!(plugin, "compilation panicked: {what}");
+            Err(LoadError::Host {
+                plugin: plugin.into(),
+                detail: format!(
+                    "compilation failed inside the host ({what}); the host may be out of threads or memory maps"
+                ),
+            })
+        }
+    }
+}
+
+/// Build rayon's global pool (wasmtime's parallel compilation runs on it) now, so a host out
+/// of threads or memory maps gets a clear answer here instead of a panic inside a later
+/// compilation. `false`: the pool could not start; compile on the calling thread.
+fn compile_pool_ready() -> bool {
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .min(8);
+    match rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .thread_name(|i| format!("plugin-compile-{i}"))
+        .build_global()
+    {
+        Ok(()) => true,
+        // Built before (another host in this process): it is there to use.
+        Err(e) if e.to_string().contains("already been initialized") => true,
+        Err(e) => {
+            tracing::warn!(
+                "cannot start the plugin compilation threads ({e}); compiling on one thread"
+            );
+            false
         }
     }
 }
@@ -1163,4 +1594,57 @@ pub fn builtin_rebalance(change: &MembershipChange) -> Vec<ChunkMove> {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Item 7 (issue 10): a compilation that panics (rayon's "The global thread pool has not
+    /// been initialized" when threads or memory maps ran out) is a load error, not a panic.
+    #[test]
+    fn a_panicking_compilation_is_a_load_error() {
+        let r: Result<(), LoadError> = guarded_compile("p", || {
+            panic!("The global thread pool has not been initialized.")
+        });
+        match r {
+            Err(e @ LoadError::Host { .. }) => {
+                assert_eq!(e.fault(), super::super::error::Fault::Host);
+                let msg = e.to_string();
+                assert!(
+                    msg.contains("plugin 'p'") && msg.contains("thread pool"),
+                    "{msg}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        let r: Result<(), LoadError> =
+            guarded_compile("p", || Err(wasmtime::Error::msg("bad bytes")));
+        assert!(matches!(r, Err(LoadError::Invalid { .. })));
+        let r: Result<(), LoadError> = guarded_compile("p", || {
+            Err(wasmtime::Error::new(std::io::Error::from_raw_os_error(
+                libc::ENOMEM,
+            )))
+        });
+        assert!(matches!(r, Err(LoadError::Host { .. })), "{r:?}");
+    }
+
+    /// The compile pool is built (or found built) once; a host compiles either way.
+    #[test]
+    fn compile_pool_is_ready_and_a_host_compiles() {
+        assert!(compile_pool_ready());
+        assert!(compile_pool_ready(), "a second call finds the pool built");
+        let h = PluginHost::new(HostConfig::default(), super::super::kv::MemKv::new()).unwrap();
+        // The empty component compiles; it is refused as the wrong shape.
+        let err = h
+            .load(
+                "p",
+                PluginKind::Placement,
+                b"\0asm\x0d\0\x01\0",
+                "t",
+                SlotSettings::default(),
+            )
+            .unwrap_err();
+        assert!(matches!(err, LoadError::MissingExport { .. }), "{err}");
+    }
 }

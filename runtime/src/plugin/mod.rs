@@ -30,6 +30,7 @@ mod settings;
 mod stats;
 mod wasi;
 
+pub(crate) use bindings::escape_controls;
 pub use bindings::{
     Action, CancelEvent, ChunkMove, ChunkPlacement, ChunkRef, DataEvent, DestroyEvent, DmBackend,
     DmError, Event, EventData, EventType, Extent, ExtentType, FileStat, HostInfo, MembershipChange,
@@ -38,9 +39,9 @@ pub use bindings::{
 pub use cache::CacheOutcome;
 pub use error::{CallError, FailureKind, Fault, LoadError, SlotError};
 pub use host::{
-    builtin_place, builtin_rebalance, HostConfig, PluginHost, Served, SlotInfo, SwapReport,
-    VersionInfo, WIT_VERSION,
+    builtin_place, builtin_rebalance, HostConfig, PluginHost, RollbackHook, Served, SlotInfo,
+    StateCursor, StatePage, StatePart, SwapReport, VersionInfo, WIT_VERSION,
 };
-pub use kv::{KvError, KvLimits, KvStore, MemKv, RedbKv};
+pub use kv::{KvError, KvLimits, KvStore, MemKv, RedbKv, MAX_KEY};
 pub use settings::{errno_from_name, FailurePolicy, PluginKind, RollbackPolicy, SlotSettings};
 pub use stats::Stats;

@@ -75,7 +75,10 @@ impl LogStream {
 
     fn emit(&self, line: &[u8]) {
         let text = String::from_utf8_lossy(line);
-        tracing::info!(plugin = %self.slot, stream = self.name, "{}", text.trim_end());
+        // Lines end at `\n`; any other control character (`\r`, escapes) is escaped so the
+        // plugin's output never forges or rewrites a log line.
+        let text = super::bindings::escape_controls(text.trim_end());
+        tracing::info!(plugin = %self.slot, stream = self.name, "{text}");
     }
 }
 

@@ -157,10 +157,38 @@ pub trait Env {
     ///
     /// Counters are stored as decimal ASCII digits (`b"42"`), so the host and operators can read
     /// them without knowing the plugin. A value that is not a counter is replaced.
+    ///
+    /// Inside a component this is one host call (WIT `kv.add`), atomic across the slot's
+    /// instances: concurrent callers lose no increment. The default body (for test
+    /// environments, which are single-threaded) reads and writes.
     fn kv_add(&mut self, key: &str, delta: u64) -> Result<u64, KvError> {
         let value = self.kv_counter(key).saturating_add(delta);
         self.kv_set(key, value.to_string().as_bytes())?;
         Ok(value)
+    }
+
+    /// Replace the value under `key` with `new` (`None`: remove the key) if it is `expected`
+    /// now (`None`: the key is absent); `Ok(true)` if it was replaced.
+    ///
+    /// Inside a component this is one host call (WIT `kv.compare-and-swap`), atomic across
+    /// the slot's instances: the building block of any read-modify-write of shared state
+    /// (read, compute, compare-and-swap, retry on `false`).
+    fn kv_compare_and_swap(
+        &mut self,
+        key: &str,
+        expected: Option<&[u8]>,
+        new: Option<&[u8]>,
+    ) -> Result<bool, KvError> {
+        if self.kv_get(key).as_deref() != expected {
+            return Ok(false);
+        }
+        match new {
+            Some(v) => self.kv_set(key, v)?,
+            None => {
+                self.kv_delete(key)?;
+            }
+        }
+        Ok(true)
     }
 }
 
@@ -198,6 +226,17 @@ macro_rules! wit_env_impl {
             }
             fn kv_keys(&mut self, prefix: &str) -> Vec<String> {
                 bindings::strata::plugin::kv::keys(prefix)
+            }
+            fn kv_add(&mut self, key: &str, delta: u64) -> Result<u64, $crate::KvError> {
+                bindings::strata::plugin::kv::add(key, delta).map_err(kv_error)
+            }
+            fn kv_compare_and_swap(
+                &mut self,
+                key: &str,
+                expected: Option<&[u8]>,
+                new: Option<&[u8]>,
+            ) -> Result<bool, $crate::KvError> {
+                bindings::strata::plugin::kv::compare_and_swap(key, expected, new).map_err(kv_error)
             }
         }
 

@@ -72,7 +72,9 @@
 //! Plugin state that must survive hot swaps and daemon restarts goes into the slot's key-value
 //! store ([`Env::kv_set`], [`Env::kv_add`] for decimal counters); component instances are
 //! created (each running `init`) and discarded by the host as it sees fit — on swaps, after
-//! traps, in a pool — so their memory is scratch. Configuration is text; the official plugins use the
+//! traps, in a pool — so their memory is scratch. Several instances of a slot run at once,
+//! so a read-modify-write of shared state must be one host call: [`Env::kv_add`] (atomic
+//! add) or a loop around [`Env::kv_compare_and_swap`], never `kv_get` then `kv_set`. Configuration is text; the official plugins use the
 //! `key=value` format of [`config`].
 //!
 //! # Testing a plugin
