@@ -14,13 +14,14 @@
 //!
 //! [spaces]
 //! host_id = "node1"                   # default: the machine's host name
-//! shm_dir = "/dev/shm"                # where the chunk cache regions live
+//! shm_dir = "/dev/shm"                # unused: regions are memfds (accepted for old configs)
 //! default_slot_size = 1048576         # largest chunk of a space created without options
 //! default_slots = 256                 # cache slots of such a space
 //! max_slot_size = 67108864            # largest slot (= chunk) size a space may ask for
 //! max_cache_bytes = 4294967296        # largest cache region of one space
 //! lease_timeout_ms = 30000            # start_write leases not stopped by then are reclaimed
 //! spawn_allow = ["/usr/bin/env"]      # programs `spawn` may start (exact paths)
+//! spare_lease_buffers = 8             # lease buffers a connection keeps for its next leases
 //!
 //! [dm]
 //! event_timeout_ms = 60000            # a synchronous event unanswered this long fails...
@@ -54,7 +55,9 @@ pub struct Config {
 pub struct SpaceConfig {
     /// This host's id in host lists (default: the host name).
     pub host_id: Option<String>,
-    /// Directory of the shared-memory regions.
+    /// Unused since regions became memfds lent over the socket (nothing of the daemon's
+    /// lives in /dev/shm any more; old `strata.*` files there are never opened). Accepted
+    /// so that older configuration files still load.
     pub shm_dir: PathBuf,
     /// Slot size of spaces created without one.
     pub default_slot_size: u64,
@@ -68,6 +71,9 @@ pub struct SpaceConfig {
     pub lease_timeout_ms: u64,
     /// Programs `spawn` may start.
     pub spawn_allow: Vec<PathBuf>,
+    /// Lease buffers (memfds of a slot size) a connection keeps after its leases end, for
+    /// its next leases without a new buffer; more are freed.
+    pub spare_lease_buffers: usize,
 }
 
 impl Default for SpaceConfig {
@@ -81,6 +87,7 @@ impl Default for SpaceConfig {
             max_cache_bytes: 4 << 30,
             lease_timeout_ms: 30_000,
             spawn_allow: Vec::new(),
+            spare_lease_buffers: 8,
         }
     }
 }

@@ -1,10 +1,11 @@
 //! The async client (tokio): the same operations as [`crate::Client`], with cache hits
 //! served without awaiting anything.
 
-use crate::blocking::{RwMaps, StartWriteStatus, WriteLease};
+use crate::blocking::{StartWriteStatus, WriteLease};
 use crate::frame::{read_frame_async, write_frame_async, FrameError};
-use crate::ops::{self, CacheSet, ClientError, Lookup};
+use crate::ops::{self, CacheSet, ClientError, LeaseMaps, Lookup};
 use crate::proto::*;
+use std::os::fd::OwnedFd;
 use std::path::Path;
 use std::time::Duration;
 use tokio::net::UnixStream;
@@ -13,7 +14,7 @@ use tokio::net::UnixStream;
 pub struct AsyncClient {
     s: UnixStream,
     caches: CacheSet,
-    rw: RwMaps,
+    rw: LeaseMaps,
     use_cache: bool,
     verify: bool,
 }
@@ -35,7 +36,7 @@ impl AsyncClient {
         Ok(AsyncClient {
             s,
             caches: CacheSet::default(),
-            rw: RwMaps::default(),
+            rw: LeaseMaps::default(),
             use_cache: true,
             verify: true,
         })
@@ -62,6 +63,33 @@ impl AsyncClient {
             .map_err(FrameError::Io)?;
         let (reply, data): (serde_json::Value, Vec<u8>) = read_frame_async(&mut self.s).await?;
         Ok((ops::space_reply(reply)?, data))
+    }
+
+    /// A space request whose reply may carry descriptors (see the blocking client).
+    async fn space_fds(
+        &mut self,
+        req: SpaceRequest,
+    ) -> Result<(SpaceReply, Vec<u8>, Vec<OwnedFd>), ClientError> {
+        let env = ops::envelope(&req)?;
+        write_frame_async(&mut self.s, &env, &[])
+            .await
+            .map_err(FrameError::Io)?;
+        let mut fds = Vec::new();
+        let mut first = vec![0u8; 16 << 10];
+        let n = self
+            .s
+            .async_io(tokio::io::Interest::READABLE, || {
+                crate::fdpass::recv_with_fds(&self.s, &mut first, &mut fds)
+            })
+            .await
+            .map_err(FrameError::Io)?;
+        if n == 0 {
+            return Err(FrameError::Closed.into());
+        }
+        first.truncate(n);
+        let mut chained = tokio::io::AsyncReadExt::chain(&first[..], &mut self.s);
+        let (reply, data): (serde_json::Value, Vec<u8>) = read_frame_async(&mut chained).await?;
+        Ok((ops::space_reply(reply)?, data, fds))
     }
 
     /// CREATE_OK / CREATE_EXISTS.
@@ -111,10 +139,18 @@ impl AsyncClient {
         )
     }
 
-    /// GETCHUNKCACHE_OK / _FAIL.
+    /// GETCHUNKCACHE_OK / _FAIL (the lent region itself is used by cache hits only).
     pub async fn cache(&mut self, space: &str) -> Result<CacheStatus, ClientError> {
+        Ok(self.cache_region(space).await?.0)
+    }
+
+    async fn cache_region(
+        &mut self,
+        space: &str,
+    ) -> Result<(CacheStatus, Vec<OwnedFd>), ClientError> {
         let space = space.into();
-        ops::cache(self.space(SpaceRequest::Cache { space }, &[]).await?.0)
+        let (r, _, fds) = self.space_fds(SpaceRequest::Cache { space }).await?;
+        Ok((ops::cache(r)?, fds))
     }
 
     /// SPAWNPROCESS_OK / _NOSPACE / _NOHOST / _FAIL.
@@ -141,15 +177,21 @@ impl AsyncClient {
         buf: &mut Vec<u8>,
     ) -> Result<Option<u64>, ClientError> {
         loop {
-            match self.caches.lookup(space, chunk, buf, self.verify) {
+            let s = &self.s;
+            let closed = || crate::fdpass::peer_closed(s);
+            match self.caches.lookup(space, chunk, buf, self.verify, closed) {
                 Lookup::Hit(v) => return Ok(Some(v)),
                 Lookup::Miss => return Ok(None),
                 Lookup::Open => {
-                    let st = self.cache(space).await?;
-                    self.caches.opened(space, st);
+                    let (st, fds) = self.cache_region(space).await?;
+                    self.caches.opened(space, st, fds);
                 }
                 Lookup::Repair(what) => {
-                    let report = self.repair(space).await?;
+                    let report = match self.repair(space).await {
+                        Ok(r) => Ok(r),
+                        Err(ClientError::Api(e)) => Err(e),
+                        Err(e) => return Err(e),
+                    };
                     ops::report_repair(space, &what, &report);
                     return Ok(None);
                 }
@@ -243,12 +285,12 @@ impl AsyncClient {
             },
             _ => return Err(ClientError::Protocol("not a lease request".into())),
         };
-        let (r, _) = self.space(req, &[]).await?;
+        let (r, _, fds) = self.space_fds(req).await?;
         let g = match ops::start_write(r)? {
             Ok(g) => g,
             Err(reason) => return Ok(StartWriteStatus::Fail(reason)),
         };
-        let mut lease = WriteLease::from_grant(&g, &mut self.rw)?;
+        let mut lease = WriteLease::from_grant(&g, fds, &mut self.rw)?;
         if lease.needs_fill(keep) {
             let (r, data) = self.space(read, &[]).await?;
             lease.fill_local(&r, &data);
