@@ -1,5 +1,5 @@
 //! Chunk spaces end to end: a real `stratad`, the real socket, the client library and the
-//! CLI, the shared-memory cache under /dev/shm.
+//! CLI, the shared-memory cache (regions lent by the daemon).
 
 use std::io::Write;
 use std::os::unix::process::CommandExt;

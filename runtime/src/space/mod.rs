@@ -133,6 +133,7 @@ impl Spaces {
     ) -> anyhow::Result<Spaces> {
         let host = cfg.host_id.clone().unwrap_or_else(hostname);
         let durable = Durable::open(db)?;
+        raise_nofile();
         let canon = std::fs::canonicalize(data_dir).unwrap_or_else(|_| data_dir.to_owned());
         let instance = {
             use sha2::Digest;
@@ -205,7 +206,11 @@ impl Spaces {
 
     /// The descriptors to send with connection `client`'s reply now going out.
     pub fn take_fds(&self, client: ClientId) -> Vec<OwnedFd> {
-        self.lock().outbox.remove(&client).unwrap_or_default()
+        let mut fds = self.lock().outbox.remove(&client).unwrap_or_default();
+        // one reply lends one descriptor; never more than a reply can carry
+        let extra = fds.len().saturating_sub(strata_client::fdpass::MAX_FDS);
+        fds.drain(..extra);
+        fds
     }
 
     fn region(&self, g: &Inner, space: &str) -> Result<Arc<Region>, Reason> {
@@ -1138,6 +1143,24 @@ fn invalidate_reply(o: InvalidateOutcome) -> SpaceReply {
             version: 0,
             reason: Some(reason),
         },
+    }
+}
+
+/// Every region holds a descriptor (its memfd): let the daemon have as many as its hard
+/// limit allows (the soft limit is often 1024).
+fn raise_nofile() {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let l = getrlimit(Resource::Nofile);
+    if let (Some(cur), Some(max)) = (l.current, l.maximum) {
+        if cur < max {
+            let raised = Rlimit {
+                current: Some(max),
+                maximum: Some(max),
+            };
+            if let Err(e) = setrlimit(Resource::Nofile, raised) {
+                tracing::warn!("cannot raise the open-file limit from {cur} to {max}: {e}");
+            }
+        }
     }
 }
 

@@ -431,7 +431,10 @@ impl Client {
                 Lookup::Repair(what) => {
                     let report = match self.repair(space) {
                         Ok(r) => Ok(r),
-                        Err(ClientError::Api(e)) => Err(e),
+                        Err(ClientError::Api(e)) => {
+                            self.caches.set_unavailable(space);
+                            Err(e)
+                        }
                         Err(e) => return Err(e),
                     };
                     ops::report_repair(space, &what, &report);

@@ -383,6 +383,15 @@ impl CacheSet {
         self.spaces.insert(space.to_owned(), slot);
     }
 
+    /// Read `space` through the daemon for a while (its region is damaged and this
+    /// caller may not repair it).
+    pub(crate) fn set_unavailable(&mut self, space: &str) {
+        self.spaces.insert(
+            space.to_owned(),
+            Slot::Unavailable(std::time::Instant::now()),
+        );
+    }
+
     pub(crate) fn forget(&mut self, space: &str) {
         self.spaces.remove(space);
     }

@@ -1,4 +1,4 @@
-//! The only unsafe code of the shared-memory chunk cache: mapping the region file and
+//! The only unsafe code of the shared-memory chunk cache: mapping a region (or lease buffer) and
 //! reading/writing it through raw pointers.
 //!
 //! Why it is sound enough to rely on:
@@ -35,7 +35,7 @@ enum Map {
     Rw(memmap2::MmapMut),
 }
 
-/// A mapping of (part of) a region file.
+/// A mapping of a region or a lease buffer (memfds).
 pub struct Mapping {
     map: Map,
     ptr: *mut u8,
