@@ -3,7 +3,7 @@
 //! - shared-memory cache hit throughput for 1 MiB chunks against `memcpy` of 1 MiB
 //!   (target ≥ 0.9×), with and without the hit's crc32c check;
 //! - 4 KiB cache hit latency against a read through the daemon's Unix socket (target ≤ 0.1×);
-//! - write throughput in place through start_write/stop_write against write through the
+//! - write throughput through a lease buffer (start_write/stop_write) against write through the
 //!   socket, for volatile and durable spaces, 4 KiB and 1 MiB;
 //! - Redis (`redis-server` on a Unix socket, started here: no persistence as the peer of
 //!   volatile spaces, `appendfsync always` as the peer of durable ones) doing GET and SET
@@ -300,7 +300,7 @@ fn main() {
         fmt_t(small_hit_crc),
         small_hit_crc / socket_read
     );
-    // 3. writes: lease in place vs through the socket
+    // 3. writes: through a lease buffer vs through the socket
     println!("writes (per write; throughput)");
     let mut results = Vec::new();
     for (space, label) in [("vol", "volatile"), ("dur", "durable")] {

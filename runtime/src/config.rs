@@ -23,7 +23,7 @@
 //!
 //! [spaces]
 //! host_id = "node1"                   # default: the machine's host name
-//! shm_dir = "/dev/shm"                # where the chunk cache regions live
+//! shm_dir = "/dev/shm"                # unused: regions are memfds (accepted for old configs)
 //! default_slot_size = 1048576         # largest chunk of a space created without options
 //! default_slots = 256                 # cache slots of such a space
 //! max_slot_size = 67108864            # largest slot (= chunk) size a space may ask for
@@ -41,6 +41,7 @@
 //! max_spaces = 4096                   # spaces on this host
 //! max_shm_bytes = 8589934592          # bytes of cache regions on this host (default: half
 //!                                     # of the shm_dir filesystem, at least 1 GiB)
+//! spare_lease_buffers = 8             # lease buffers a connection keeps for its next leases
 //!
 //! [dm]
 //! event_timeout_ms = 60000            # a synchronous event unanswered this long fails...
@@ -159,7 +160,9 @@ impl Default for LimitsConfig {
 pub struct SpaceConfig {
     /// This host's id in host lists (default: the host name).
     pub host_id: Option<String>,
-    /// Directory of the shared-memory regions.
+    /// Unused since regions became memfds lent over the socket (nothing of the daemon's
+    /// lives in /dev/shm any more; old `strata.*` files there are never opened). Accepted
+    /// so that older configuration files still load.
     pub shm_dir: PathBuf,
     /// Slot size of spaces created without one.
     pub default_slot_size: u64,
@@ -191,6 +194,9 @@ pub struct SpaceConfig {
     /// Bytes of cache regions on this host (everyone); `None`: half the size of the
     /// `shm_dir` filesystem (at least 1 GiB).
     pub max_shm_bytes: Option<u64>,
+    /// Lease buffers (memfds of a slot size) a connection keeps after its leases end, for
+    /// its next leases without a new buffer; more are freed.
+    pub spare_lease_buffers: usize,
 }
 
 impl Default for SpaceConfig {
@@ -212,6 +218,7 @@ impl Default for SpaceConfig {
             chunks_per_uid: 100_000,
             max_spaces: 4096,
             max_shm_bytes: None,
+            spare_lease_buffers: 8,
         }
     }
 }

@@ -5,7 +5,7 @@
 //!  client libs ───┼─► Unix socket ─► api::server::Daemon
 //!                 │   (frames: JSON header │─► store::Store (redb: registry, plugin kv)
 //!                 │    + raw payload)      ├─► space::Spaces (core + shm regions + redb)
-//!  shm readers ◄── /dev/shm regions ◄──────┘   (later: dm, fuse, net, ...)
+//!  shm readers ◄── lent memfd regions ◄────┘   (later: dm, fuse, net, ...)
 //! ```
 #![warn(missing_docs)]
 

@@ -48,7 +48,8 @@ pub struct Daemon {
     child: Option<Child>,
     /// The directory holding data, socket and log.
     pub dir: PathBuf,
-    /// The directory of the shared-memory chunk caches (under /dev/shm).
+    /// A directory under /dev/shm given to the daemon as `shm_dir` (unused by it since
+    /// regions became memfds; tests plant files there to check that nothing is followed).
     pub shm: PathBuf,
     _tmp: Option<tempfile::TempDir>,
     _shm: Option<tempfile::TempDir>,

@@ -1,5 +1,5 @@
 //! Chunk spaces end to end: a real `stratad`, the real socket, the client library and the
-//! CLI, the shared-memory cache under /dev/shm.
+//! CLI, the shared-memory cache (regions lent by the daemon).
 
 use std::io::Write;
 use std::os::unix::process::CommandExt;
@@ -117,9 +117,14 @@ fn space_operations_give_every_seed_status() {
     );
     // chunk cache
     match c.cache("s1").unwrap() {
-        CacheStatus::Ok { path, size } => {
-            assert!(path.starts_with(&d.shm.display().to_string()), "{path}");
-            assert_eq!(std::fs::metadata(&path).unwrap().len(), size);
+        CacheStatus::Ok { region, size } => {
+            // a memfd lent over the socket: nothing in the old shm directory
+            assert!(
+                region.starts_with("strata.") && region.ends_with(".s1"),
+                "{region}"
+            );
+            assert!(size > 32 * (64 << 10), "{size}");
+            assert_eq!(std::fs::read_dir(&d.shm).unwrap().count(), 0);
         }
         other => panic!("{other:?}"),
     }
@@ -487,7 +492,7 @@ fn spawn_runs_as_the_caller_never_as_root_for_another_user() {
         String::from_utf8_lossy(&o.stderr).contains("Permission"),
         "{o:?}"
     );
-    // through a 666 space nobody writes in place (mode 666 lets it map its lease's slot)
+    // through a 666 space nobody writes through a lease (its own lease buffer)
     let o = d
         .strata_cmd(&[
             "chunk",
@@ -896,15 +901,14 @@ fn a_corrupted_cache_region_is_detected_and_repaired_without_loss() {
         write_ok(&mut c, "cor", &format!("c{i}"), p);
     }
     write_ok(&mut c, "corv", "v", b"volatile bytes");
-    let path = match c.cache("cor").unwrap() {
-        CacheStatus::Ok { path, .. } => path,
-        other => panic!("{other:?}"),
-    };
-    let scribble = |off: u64, bytes: &[u8]| {
-        use std::os::unix::fs::FileExt;
-        let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
-        f.write_all_at(bytes, off).unwrap();
-    };
+    // only the daemon can write its regions (sealed memfds): damage comes from root
+    // writing the daemon's memory
+    assert!(
+        is_root(),
+        "PREREQUISITE MISSING: this test writes the daemon's memory and must run as root"
+    );
+    let pid = d.pid();
+    let scribble = |off: u64, bytes: &[u8]| region_write(pid, "cor", off, bytes);
     let geo = strata_client::shm::Geometry::new(64 << 10, 32);
     // 1. a data slot: every slot in use gets garbage (the crc check catches it)
     for slot in 0..32 {
@@ -945,25 +949,33 @@ fn a_corrupted_cache_region_is_detected_and_repaired_without_loss() {
     ));
     assert!(read_ok(&mut fresh, "cor", "c1").from_cache);
     // a volatile chunk whose slot is scribbled on is lost, and said so
-    let vpath = match c.cache("corv").unwrap() {
-        CacheStatus::Ok { path, .. } => path,
-        other => panic!("{other:?}"),
-    };
-    {
-        use std::os::unix::fs::FileExt;
-        let f = std::fs::OpenOptions::new()
-            .write(true)
-            .open(&vpath)
-            .unwrap();
-        for slot in 0..32 {
-            f.write_all_at(b"X", geo.slot_offset(slot)).unwrap();
-        }
+    for slot in 0..32 {
+        region_write(pid, "corv", geo.slot_offset(slot), b"X");
     }
     let report = c.repair("corv").unwrap();
     assert!(report.contains("lost") && report.contains('v'), "{report}");
     assert_eq!(c.read("corv", "v").unwrap(), ReadStatus::Waiting);
     assert!(d.log().contains("volatile chunks lost"));
     assert!(d.stop());
+}
+
+/// Write `bytes` at `off` of space `space`'s region in the daemon `pid`'s memory (its
+/// writable mapping of the memfd `strata.<instance>.<space>`), as root through
+/// /proc/<pid>/mem.
+fn region_write(pid: u32, space: &str, off: u64, bytes: &[u8]) {
+    use std::os::unix::fs::FileExt;
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    let suffix = format!(".{space} (deleted)");
+    let line = maps
+        .lines()
+        .find(|l| l.contains(" rw-s ") && l.contains("/memfd:strata.") && l.ends_with(&suffix))
+        .unwrap_or_else(|| panic!("no mapping of {space}'s region in {maps}"));
+    let start = u64::from_str_radix(line.split('-').next().unwrap(), 16).unwrap();
+    let mem = std::fs::OpenOptions::new()
+        .write(true)
+        .open(format!("/proc/{pid}/mem"))
+        .unwrap();
+    mem.write_all_at(bytes, start + off).unwrap();
 }
 
 #[test]

@@ -939,8 +939,26 @@ async fn serve_requests(
             }
             req => (blocking(daemon, req, payload, uid).await, vec![]),
         };
+        // a region or lease buffer lent with this reply rides on its first bytes
+        let lends = matches!(
+            reply,
+            Reply::Space(
+                strata_client::SpaceReply::CacheOk { .. }
+                    | strata_client::SpaceReply::StartWriteOk { .. }
+            )
+        );
+        let fds = if lends {
+            daemon.spaces.take_fds(caller.client)
+        } else {
+            Vec::new()
+        };
         let send = async {
-            match write_frame_async(w, &reply, &data).await {
+            let written = if fds.is_empty() {
+                write_frame_async(w, &reply, &data).await
+            } else {
+                write_frame_with_fds(w, &reply, &data, &fds).await
+            };
+            match written {
                 Ok(()) => true,
                 Err(e) if e.kind() == std::io::ErrorKind::Other => {
                     tracing::error!("cannot encode a reply: {e}");
@@ -1060,6 +1078,28 @@ fn accept_loop(
             }
         }
     }
+}
+
+/// Write a reply frame with descriptors attached to its first bytes (SCM_RIGHTS; see
+/// `strata_client::fdpass`). The descriptors are closed here once sent.
+async fn write_frame_with_fds(
+    w: &mut OwnedWriteHalf,
+    reply: &Reply,
+    data: &[u8],
+    fds: &[std::os::fd::OwnedFd],
+) -> std::io::Result<()> {
+    use std::os::fd::AsFd;
+    let head = strata_client::frame::head(reply, data.len())?;
+    let lent: Vec<_> = fds.iter().map(|f| f.as_fd()).collect();
+    let stream: &UnixStream = w.as_ref();
+    let n = stream
+        .async_io(tokio::io::Interest::WRITABLE, || {
+            strata_client::fdpass::send_with_fds(stream, &head, &lent)
+        })
+        .await?;
+    w.write_all(&head[n..]).await?;
+    w.write_all(data).await?;
+    w.flush().await
 }
 
 /// Run the daemon until SIGTERM or SIGINT.

@@ -77,12 +77,12 @@ pub enum SpaceCmd {
         #[arg(long)]
         json: bool,
     },
-    /// Where the shared-memory chunk cache is.
+    /// The shared-memory chunk cache of a space: its region (a memfd the daemon lends) and size.
     Cache {
         /// Space name.
         space: String,
     },
-    /// Check the shared-memory cache and rebuild it.
+    /// Check the shared-memory cache and rebuild it (needs write access to the space).
     Repair {
         /// Space name.
         space: String,
@@ -245,7 +245,7 @@ pub fn space(socket: &Path, cmd: &SpaceCmd) -> anyhow::Result<()> {
             ChunkListStatus::Fail(r) => return Err(not_ok("GETCHUNKLIST_FAIL", Some(r))),
         },
         SpaceCmd::Cache { space } => match c.cache(space)? {
-            CacheStatus::Ok { path, size } => println!("{path} {size}"),
+            CacheStatus::Ok { region, size } => println!("{region} {size}"),
             CacheStatus::Fail(r) => return Err(not_ok("GETCHUNKCACHE_FAIL", Some(r))),
         },
         SpaceCmd::Repair { space } => println!("{}", c.repair(space)?),

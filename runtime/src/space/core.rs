@@ -411,13 +411,6 @@ pub enum InvalidateOutcome {
     Fail(Reason),
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum IndexUse {
-    Empty,
-    Removed,
-    Live,
-}
-
 #[derive(Debug, Clone, Copy)]
 struct Resident {
     slot: u32,
@@ -467,8 +460,9 @@ struct Space {
     meta: SpaceMeta,
     chunks: HashMap<String, ChunkState>,
     free: Vec<u32>,
-    index: Vec<IndexUse>,
-    removed: u32,
+    /// The chunk each index entry holds (`None`: empty). There are no tombstones: a
+    /// removal shifts the rest of its probe run back (see [`remove_entry`]).
+    index: Vec<Option<String>>,
     queues: HashMap<String, VecDeque<Queued>>,
     /// Every new version in this space is above this one (volatile spaces: the versions
     /// reserved before a restart, and the chunks dropped when the host left the space).
@@ -480,8 +474,7 @@ impl Space {
         let geo = meta.geometry();
         Space {
             free: (0..meta.slots).rev().collect(),
-            index: vec![IndexUse::Empty; geo.index_entries as usize],
-            removed: 0,
+            index: vec![None; geo.index_entries as usize],
             chunks: HashMap::new(),
             queues: HashMap::new(),
             floor: 0,
@@ -1879,9 +1872,8 @@ impl Core {
                 entry: i as u32,
                 tombstone: false,
             });
-            *u = IndexUse::Empty;
+            *u = None;
         }
-        s.removed = 0;
         let mut names: Vec<String> = s
             .chunks
             .iter()
@@ -1893,13 +1885,36 @@ impl Core {
             let ch = s.chunks.get(&n).expect("listed");
             let (slot, meta) = (ch.resident.expect("resident").slot, ch.meta);
             let entry = free_entry(s, &n);
-            s.index[entry as usize] = IndexUse::Live;
+            s.index[entry as usize] = Some(n.clone());
             if let Some(ch) = s.chunks.get_mut(&n) {
                 ch.resident = Some(Resident { slot, entry });
             }
             fx.push(set_entry(space, entry, &n, slot, meta));
         }
         fx
+    }
+
+    /// The connection holding a lease.
+    pub fn lease_client(&self, lease: LeaseId) -> Option<ClientId> {
+        self.leases.get(&lease).map(|l| l.client)
+    }
+
+    /// Entries a lookup of `chunk` probes (the hit included, or up to the empty entry that
+    /// ends a miss): what a client's lookup costs.
+    pub fn probes(&self, space: &str, chunk: &str) -> usize {
+        let Some(s) = self.spaces.get(space) else {
+            return 0;
+        };
+        let n = s.index.len();
+        let start = home(chunk, n);
+        for p in 0..n {
+            match &s.index[(start + p) % n] {
+                None => return p + 1,
+                Some(name) if name == chunk => return p + 1,
+                Some(_) => {}
+            }
+        }
+        n
     }
 
     /// Slots in use by cached chunks and leases, and free ones (for tests and status).
@@ -1964,14 +1979,80 @@ fn set_entry(space: &str, entry: u32, chunk: &str, slot: u32, m: ChunkMeta) -> E
     }
 }
 
+/// Where `chunk`'s probe sequence starts in an index of `n` entries.
+fn home(chunk: &str, n: usize) -> usize {
+    (name_hash(chunk) % n as u64) as usize
+}
+
 /// The first entry a new chunk may take on its probe sequence.
 fn free_entry(s: &Space, chunk: &str) -> u32 {
-    let n = s.index.len() as u64;
-    let start = name_hash(chunk) % n;
+    let n = s.index.len();
+    let start = home(chunk, n);
     (0..n)
-        .map(|p| ((start + p) % n) as u32)
-        .find(|&i| s.index[i as usize] != IndexUse::Live)
-        .expect("the index has twice as many entries as there are slots")
+        .map(|p| (start + p) % n)
+        .find(|&i| s.index[i].is_none())
+        .expect("the index has twice as many entries as there are slots") as u32
+}
+
+/// Empty entry `i` without leaving a tombstone (backward-shift deletion): each later entry
+/// of the probe run that may sit earlier moves into the hole, so that a miss still ends at
+/// the first empty entry and probe runs stay as short as the live chunks make them, however
+/// many names came and went. Readers stay safe: an entry is written under its sequence
+/// lock before the old copy is cleared (a reader may see both, never a torn one), and the
+/// holes stay tombstones while the shift goes on, so a reader probing past them never
+/// stops early; the last hole becomes empty. At worst a racing reader misses and asks the
+/// daemon.
+fn remove_entry(s: &mut Space, i: u32, fx: &mut Vec<Effect>) {
+    let n = s.index.len();
+    let space = s.meta.name.clone();
+    s.index[i as usize] = None;
+    let mut hole = i as usize;
+    let mut j = hole;
+    for _ in 0..n {
+        j = (j + 1) % n;
+        let Some(name) = s.index[j].clone() else {
+            break;
+        };
+        let h = home(&name, n);
+        // the entry stays when its home lies cyclically in (hole, j]
+        let stays = if hole <= j {
+            hole < h && h <= j
+        } else {
+            h > hole || h <= j
+        };
+        if stays {
+            continue;
+        }
+        let Some(ch) = s.chunks.get_mut(&name) else {
+            continue;
+        };
+        let Some(r) = ch.resident.as_mut() else {
+            continue;
+        };
+        if hole == i as usize {
+            fx.push(Effect::ClearEntry {
+                space: space.clone(),
+                entry: i,
+                tombstone: true,
+            });
+        }
+        r.entry = hole as u32;
+        let (slot, meta) = (r.slot, ch.meta);
+        fx.push(set_entry(&space, hole as u32, &name, slot, meta));
+        fx.push(Effect::ClearEntry {
+            space: space.clone(),
+            entry: j as u32,
+            tombstone: true,
+        });
+        s.index[hole] = Some(name);
+        s.index[j] = None;
+        hole = j;
+    }
+    fx.push(Effect::ClearEntry {
+        space,
+        entry: hole as u32,
+        tombstone: false,
+    });
 }
 
 /// Publish `meta` in `slot` for `chunk`: its entry is updated in place (readers of the old
@@ -1983,10 +2064,7 @@ fn publish_entry(s: &mut Space, chunk: &str, slot: u32, meta: ChunkMeta, fx: &mu
         Some(r) => r.entry,
         None => {
             let e = free_entry(s, chunk);
-            if s.index[e as usize] == IndexUse::Removed {
-                s.removed -= 1;
-            }
-            s.index[e as usize] = IndexUse::Live;
+            s.index[e as usize] = Some(chunk.to_string());
             e
         }
     };
@@ -2008,16 +2086,10 @@ fn publish_entry(s: &mut Space, chunk: &str, slot: u32, meta: ChunkMeta, fx: &mu
 
 /// Take a chunk's cached copy out of the index (its slot is now the caller's).
 fn take_entry(s: &mut Space, chunk: &str, r: Resident, fx: &mut Vec<Effect>) {
-    fx.push(Effect::ClearEntry {
-        space: s.meta.name.clone(),
-        entry: r.entry,
-        tombstone: true,
-    });
-    s.index[r.entry as usize] = IndexUse::Removed;
-    s.removed += 1;
     if let Some(ch) = s.chunks.get_mut(chunk) {
         ch.resident = None;
     }
+    remove_entry(s, r.entry, fx);
 }
 
 /// A free slot, evicting the least recently used cached chunk of a durable space.
@@ -2350,13 +2422,10 @@ mod tests {
         // filling "a" again evicts the LRU one ("b")
         let f = c.fill("d", "a", 1).unwrap();
         assert!(matches!(f.after[..], [Effect::SetEntry { .. }]));
-        assert!(f.before.iter().any(|e| matches!(
-            e,
-            Effect::ClearEntry {
-                tombstone: true,
-                ..
-            }
-        )));
+        assert!(f
+            .before
+            .iter()
+            .any(|e| matches!(e, Effect::ClearEntry { .. })));
         assert!(matches!(
             c.read(&A, "d", "b").unwrap(),
             Some(ReadPlan::Disk { .. })
@@ -2669,5 +2738,44 @@ mod tests {
         assert!(
             matches!(c.join(&A, "s", "h1\nFORGED"), Err(JoinError::Fail(r)) if r.kind == ReasonKind::BadName)
         );
+    }
+
+    #[test]
+    fn misses_stay_short_however_many_names_come_and_go() {
+        let mut c = core();
+        c.create(&A, "s", false, None, Some(64), None).unwrap();
+        // ~5,000 distinct names through 64 slots: every one evicts an older one
+        for i in 0..5000 {
+            write(&mut c, &A, &format!("chunk/{i}"), 1).unwrap();
+            if i % 7 == 0 {
+                c.invalidate(&A, "s", &format!("chunk/{}", i / 2));
+            }
+        }
+        let s = &c.spaces["s"];
+        let n = s.index.len();
+        // every cached chunk sits where the core says, reachable from its home without
+        // crossing an empty entry; nothing else is in the index
+        let mut live = 0;
+        for (name, ch) in &s.chunks {
+            let Some(r) = ch.resident else { continue };
+            live += 1;
+            assert_eq!(s.index[r.entry as usize].as_deref(), Some(name.as_str()));
+            let mut i = home(name, n);
+            while i != r.entry as usize {
+                assert!(s.index[i].is_some(), "{name}: an empty entry before it");
+                i = (i + 1) % n;
+            }
+        }
+        assert_eq!(live, s.index.iter().filter(|e| e.is_some()).count());
+        assert!(live > 0 && live <= 64);
+        // a miss ends at the first empty entry: a few probes, not the whole index (which
+        // is what tombstones that are never dropped come to: 128 here)
+        let probes: Vec<usize> = (0..1000)
+            .map(|i| c.probes("s", &format!("missing/{i}")))
+            .collect();
+        let mean = probes.iter().sum::<usize>() as f64 / probes.len() as f64;
+        let max = *probes.iter().max().unwrap();
+        assert!(mean < 4.0, "mean probes of a miss {mean}");
+        assert!(max <= 32, "longest miss {max} of {n} entries");
     }
 }

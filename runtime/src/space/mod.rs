@@ -5,23 +5,31 @@
 //! one mutex and applies every [`Effect`] before letting go, so the index the clients probe
 //! always matches the core. Copies of large chunks into slots and fsyncs happen outside
 //! the mutex, on slots the core has reserved (a lease in its committing phase).
+//!
+//! Shared memory is lent, never shared by name: a space's region is a sealed memfd whose
+//! descriptor goes to readers with GETCHUNKCACHE_OK (they can only map it read-only), and
+//! a lease holder gets a lease buffer of its own (a memfd the daemon copies into the slot
+//! at stop_write). The descriptors wait in a connection's outbox until its reply is sent
+//! ([`Spaces::take_fds`]).
 
 pub mod core;
 pub mod durable;
 pub mod spawn;
 
 use self::core::{
-    Caller, ChunkMeta, Core, Effect, Fill, Grant, InvalidateOutcome, JoinError, LeaseKind,
-    LeaseOutcome, Limits, Quotas, ReadPlan, SpaceMeta, StopPlan, WaitOutcome, WaiterId, Wake,
+    Caller, ChunkMeta, ClientId, Core, Effect, Fill, Grant, InvalidateOutcome, JoinError,
+    LeaseKind, LeaseOutcome, Limits, Quotas, ReadPlan, SpaceMeta, StopPlan, WaitOutcome, WaiterId,
+    Wake,
 };
 use self::durable::Durable;
 use crate::config::SpaceConfig;
 use std::collections::HashMap;
+use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
-use strata_client::shm::{Access, Region};
+use strata_client::shm::{LeaseBuffer, Region};
 use strata_client::{Reason, ReasonKind, SpaceReply, SpaceRequest};
 use tokio::sync::oneshot;
 
@@ -69,6 +77,24 @@ struct Inner {
     core: Core,
     regions: HashMap<String, Arc<Region>>,
     wakers: HashMap<WaiterId, oneshot::Sender<Woken>>,
+    /// Lease buffers of live leases (and of leases taken back by timeout, kept out of use
+    /// until their connection closes: the holder may still write into them).
+    leased: HashMap<u64, Lent>,
+    /// Lease buffers connections gave back, for their next leases (they keep them mapped).
+    spare: HashMap<ClientId, Vec<Lent>>,
+    /// Descriptors to send with a connection's next reply.
+    outbox: HashMap<ClientId, Vec<OwnedFd>>,
+    next_buffer: u64,
+}
+
+/// A lease buffer lent to a connection.
+struct Lent {
+    client: ClientId,
+    /// Its number on the wire (unique per daemon).
+    id: u64,
+    buf: Arc<LeaseBuffer>,
+    /// Whether its descriptor went to the client already.
+    sent: bool,
 }
 
 /// The daemon's chunk spaces.
@@ -110,7 +136,7 @@ impl Spaces {
         let host = cfg.host_id.clone().unwrap_or_else(hostname);
         core::check_host_id(&host).map_err(|r| anyhow::anyhow!("{}", r.message))?;
         let durable = Durable::open(db)?;
-        std::fs::create_dir_all(&cfg.shm_dir)?;
+        raise_nofile();
         let canon = std::fs::canonicalize(data_dir).unwrap_or_else(|_| data_dir.to_owned());
         let instance = {
             use sha2::Digest;
@@ -140,6 +166,10 @@ impl Spaces {
                 core,
                 regions: HashMap::new(),
                 wakers: HashMap::new(),
+                leased: HashMap::new(),
+                spare: HashMap::new(),
+                outbox: HashMap::new(),
+                next_buffer: 1,
             }),
             durable,
             host,
@@ -187,10 +217,18 @@ impl Spaces {
         g
     }
 
-    fn region_path(&self, space: &str) -> PathBuf {
-        self.cfg
-            .shm_dir
-            .join(format!("strata.{}.{space}", self.instance))
+    /// The memfd name of a space's region (shows in /proc/<pid>/maps; not a path).
+    fn region_name(&self, space: &str) -> String {
+        format!("strata.{}.{space}", self.instance)
+    }
+
+    /// The descriptors to send with connection `client`'s reply now going out.
+    pub fn take_fds(&self, client: ClientId) -> Vec<OwnedFd> {
+        let mut fds = self.lock().outbox.remove(&client).unwrap_or_default();
+        // one reply lends one descriptor; never more than a reply can carry
+        let extra = fds.len().saturating_sub(strata_client::fdpass::MAX_FDS);
+        fds.drain(..extra);
+        fds
     }
 
     fn region(&self, g: &Inner, space: &str) -> Result<Arc<Region>, Reason> {
@@ -206,7 +244,11 @@ impl Spaces {
     fn apply(&self, g: &mut Inner, fx: Vec<Effect>) {
         for e in fx {
             match e {
-                Effect::CreateRegion(meta) => self.create_region(g, &meta),
+                Effect::CreateRegion(meta) => {
+                    if let Err(r) = self.create_region(g, &meta) {
+                        tracing::error!(space = %meta.name, "{}", r.message);
+                    }
+                }
                 Effect::RemoveRegion(space) => {
                     if let Some(r) = g.regions.remove(&space) {
                         r.remove();
@@ -268,6 +310,7 @@ impl Spaces {
                             Err(r) => {
                                 let more = g.core.cancel(grant.lease);
                                 self.apply(g, more);
+                                self.give_back(g, grant.lease);
                                 Woken::Fail(r)
                             }
                         },
@@ -301,48 +344,95 @@ impl Spaces {
         Ok(())
     }
 
-    fn create_region(&self, g: &mut Inner, meta: &SpaceMeta) {
-        let path = self.region_path(&meta.name);
-        let access = Access {
-            uid: self.root.then_some(meta.uid),
-            gid: self.root.then_some(meta.gid),
-            mode: meta.mode & 0o666,
-        };
-        match Region::create(&path, meta.geometry(), meta.generation, access) {
+    /// Make a space's region (a new memfd; the old one, if any, is retired).
+    fn create_region(&self, g: &mut Inner, meta: &SpaceMeta) -> Result<(), Reason> {
+        let name = self.region_name(&meta.name);
+        match Region::create(&name, meta.geometry(), meta.generation) {
             Ok(r) => {
-                g.regions.insert(meta.name.clone(), Arc::new(r));
+                if let Some(old) = g.regions.insert(meta.name.clone(), Arc::new(r)) {
+                    old.remove();
+                }
+                Ok(())
             }
-            Err(e) => {
-                tracing::error!(space = %meta.name, path = %path.display(), "cannot create the chunk cache region: {e}")
+            Err(e) => Err(fail(
+                ReasonKind::NoSpace,
+                format!(
+                    "cannot make the chunk cache region of space {:?} ({} bytes): {e}",
+                    meta.name,
+                    meta.geometry().file_size()
+                ),
+            )),
+        }
+    }
+
+    /// The buffer of a granted lease: one the connection gave back, or a new one.
+    fn buffer_for(&self, g: &mut Inner, grant: &Grant) -> Result<Arc<LeaseBuffer>, Reason> {
+        if let Some(l) = g.leased.get(&grant.lease) {
+            return Ok(l.buf.clone());
+        }
+        let size = self.region(g, &grant.space)?.geometry().slot_size;
+        let client = g
+            .core
+            .lease_client(grant.lease)
+            .ok_or_else(|| fail(ReasonKind::NoLease, format!("lease {} ended", grant.lease)))?;
+        let spare = g.spare.entry(client).or_default();
+        let lent = match spare.iter().position(|l| l.buf.size() == size) {
+            Some(i) => spare.swap_remove(i),
+            None => {
+                let id = g.next_buffer;
+                g.next_buffer += 1;
+                let name = format!("strata.{}.lease.{id}", self.instance);
+                let buf = LeaseBuffer::create(&name, size).map_err(|e| {
+                    fail(
+                        ReasonKind::NoSpace,
+                        format!("cannot make a lease buffer of {size} bytes: {e}"),
+                    )
+                })?;
+                Lent {
+                    client,
+                    id,
+                    buf: Arc::new(buf),
+                    sent: false,
+                }
+            }
+        };
+        let buf = lent.buf.clone();
+        g.leased.insert(grant.lease, lent);
+        Ok(buf)
+    }
+
+    /// A lease its holder ended (stop, abort, stop_invalidate) or that was never handed
+    /// out: its buffer waits for the connection's next lease.
+    fn give_back(&self, g: &mut Inner, lease: u64) {
+        if let Some(l) = g.leased.remove(&lease) {
+            let spare = g.spare.entry(l.client).or_default();
+            if spare.len() < self.cfg.spare_lease_buffers {
+                spare.push(l);
             }
         }
     }
 
-    /// Fill a granted lease's buffer.
-    fn fill(&self, g: &Inner, grant: &Grant) -> Result<(), Reason> {
+    /// Fill a granted lease's buffer (under the lock: the published slot it copies from
+    /// cannot be reused meanwhile).
+    fn fill(&self, g: &mut Inner, grant: &Grant) -> Result<(), Reason> {
         let region = self.region(g, &grant.space)?;
+        let copy = |r: std::io::Result<()>| {
+            r.map_err(|e| fail(ReasonKind::Io, format!("cannot fill the lease buffer: {e}")))
+        };
         match grant.fill {
-            Fill::Nothing | Fill::InPlace => Ok(()),
+            Fill::Nothing => Ok(()),
+            Fill::InPlace => {
+                let buf = self.buffer_for(g, grant)?;
+                copy(region.slot_to_buffer(grant.slot, grant.len, &buf))
+            }
             Fill::Slot(from, len) => {
-                if region.copy_slot(from, grant.slot, len) {
-                    Ok(())
-                } else {
-                    Err(fail(
-                        ReasonKind::Corrupted,
-                        "cannot copy the published slot",
-                    ))
-                }
+                let buf = self.buffer_for(g, grant)?;
+                copy(region.slot_to_buffer(from, len, &buf))
             }
             Fill::Disk(_) => match self.durable.chunk(&grant.space, &grant.chunk) {
                 Ok(Some((_, data))) => {
-                    if region.write_slot(grant.slot, 0, &data) {
-                        Ok(())
-                    } else {
-                        Err(fail(
-                            ReasonKind::Corrupted,
-                            "stored chunk larger than the slot",
-                        ))
-                    }
+                    let buf = self.buffer_for(g, grant)?;
+                    copy(buf.write_start(&data))
                 }
                 Ok(None) => Ok(()),
                 Err(e) => Err(io_reason(e)),
@@ -350,23 +440,41 @@ impl Spaces {
         }
     }
 
-    fn start_write_ok(&self, g: &Inner, grant: &Grant) -> Answer {
-        match self.region(g, &grant.space) {
-            Ok(r) => {
-                let geo = r.geometry();
-                (
-                    SpaceReply::StartWriteOk {
-                        lease: grant.lease,
-                        version: grant.version,
-                        len: grant.len,
-                        path: r.path().display().to_string(),
-                        offset: geo.slot_offset(grant.slot),
-                        capacity: geo.slot_size,
-                    },
-                    vec![],
-                )
+    /// STARTWRITE_OK: the lease and its buffer (whose descriptor goes out with the reply
+    /// the first time this connection gets it).
+    fn start_write_ok(&self, g: &mut Inner, grant: &Grant) -> Answer {
+        let lent = self.buffer_for(g, grant).and_then(|buf| {
+            let l = g.leased.get_mut(&grant.lease).expect("just lent");
+            if !l.sent {
+                let fd = buf.share().map_err(|e| {
+                    fail(
+                        ReasonKind::NoSpace,
+                        format!("cannot lend the lease buffer: {e}"),
+                    )
+                })?;
+                l.sent = true;
+                let client = l.client;
+                g.outbox.entry(client).or_default().push(fd);
             }
-            Err(reason) => (SpaceReply::StartWriteFail { reason }, vec![]),
+            Ok((g.leased[&grant.lease].id, buf.size()))
+        });
+        match lent {
+            Ok((buffer, capacity)) => (
+                SpaceReply::StartWriteOk {
+                    lease: grant.lease,
+                    version: grant.version,
+                    len: grant.len,
+                    buffer,
+                    capacity,
+                },
+                vec![],
+            ),
+            Err(reason) => {
+                let fx = g.core.cancel(grant.lease);
+                self.apply(g, fx);
+                self.give_back(g, grant.lease);
+                (SpaceReply::StartWriteFail { reason }, vec![])
+            }
         }
     }
 
@@ -425,13 +533,28 @@ impl Spaces {
                     options.mode,
                 ) {
                     Ok((true, fx)) => {
-                        if let Err(r) = self.persist_then_apply(&mut g, fx) {
+                        // the region first: a space whose region cannot be made (memory,
+                        // vm.max_map_count) is refused, and nothing of it is kept
+                        let (regions, rest): (Vec<Effect>, Vec<Effect>) = fx
+                            .into_iter()
+                            .partition(|e| matches!(e, Effect::CreateRegion(_)));
+                        for e in regions {
+                            if let Effect::CreateRegion(meta) = e {
+                                if let Err(r) = self.create_region(&mut g, &meta) {
+                                    g.core.forget_created(&space);
+                                    tracing::warn!(%space, "create refused: {}", r.message);
+                                    return Step::Refused(r);
+                                }
+                            }
+                        }
+                        // then the record: nothing is answered as created before it is stored
+                        if let Err(r) = self.persist_then_apply(&mut g, rest) {
+                            if let Some(region) = g.regions.remove(&space) {
+                                region.remove();
+                            }
                             g.core.forget_created(&space);
                             tracing::error!(%space, "space not created: {}", r.message);
                             return Step::Refused(r);
-                        }
-                        if !g.regions.contains_key(&space) {
-                            tracing::warn!(%space, "space created without a cache region");
                         }
                         none(R::CreateOk)
                     }
@@ -506,10 +629,21 @@ impl Spaces {
                 let mut g = self.lock();
                 match g.core.check(c, &space, false) {
                     Ok(_) => match self.region(&g, &space) {
-                        Ok(r) if r.header_ok() => none(R::CacheOk {
-                            path: r.path().display().to_string(),
-                            size: r.geometry().file_size(),
-                        }),
+                        Ok(r) if r.header_ok() => match r.share() {
+                            Ok(fd) => {
+                                g.outbox.entry(c.client).or_default().push(fd);
+                                none(R::CacheOk {
+                                    region: r.name().to_string(),
+                                    size: r.geometry().file_size(),
+                                })
+                            }
+                            Err(e) => none(R::CacheFail {
+                                reason: fail(
+                                    ReasonKind::NoSpace,
+                                    format!("cannot lend the cache region: {e}"),
+                                ),
+                            }),
+                        },
                         Ok(_) => none(R::CacheFail {
                             reason: fail(
                                 ReasonKind::Corrupted,
@@ -570,6 +704,9 @@ impl Spaces {
                 let mut g = self.lock();
                 let (r, fx) = g.core.abort(c, lease);
                 self.apply(&mut g, fx);
+                if r.is_ok() {
+                    self.give_back(&mut g, lease);
+                }
                 done(match r {
                     Ok(version) => (
                         R::WriteOk {
@@ -612,6 +749,9 @@ impl Spaces {
                 }
                 let (r, fx) = g.core.stop_invalidate(c, lease);
                 self.apply(&mut g, without_chunk_records(fx));
+                if r.is_ok() {
+                    self.give_back(&mut g, lease);
+                }
                 none(match r {
                     Ok(()) => R::WriteFail { reason: None },
                     Err(reason) => R::WriteOk {
@@ -620,7 +760,11 @@ impl Spaces {
                     },
                 })
             }
-            SpaceRequest::Repair { space } => none(self.repair(c, &space)),
+            // refused (not a seed call): no write access, no such space
+            SpaceRequest::Repair { space } => match self.repair(c, &space) {
+                Ok(r) => none(r),
+                Err(r) => Step::Refused(r),
+            },
         }
     }
 
@@ -632,8 +776,8 @@ impl Spaces {
             (Then::Lease, Woken::Fail(reason)) => (SpaceReply::StartWriteFail { reason }, vec![]),
             (Then::Write(_), Woken::Fail(r)) => write_fail(r),
             (Then::Lease, Woken::Granted(grant)) => {
-                let g = self.lock();
-                self.start_write_ok(&g, &grant)
+                let mut g = self.lock();
+                self.start_write_ok(&mut g, &grant)
             }
             (Then::Write(payload), Woken::Granted(grant)) => {
                 let plan = {
@@ -688,6 +832,10 @@ impl Spaces {
         self.apply(&mut g, fx);
         // wakers of that client are dropped with their receivers; forget the senders
         g.wakers.retain(|_, tx| !tx.is_closed());
+        // its lease buffers go (the client's mappings keep their memory until it unmaps)
+        g.leased.retain(|_, l| l.client != client);
+        g.spare.remove(&client);
+        g.outbox.remove(&client);
     }
 
     /// Time passed: expire waits, queued requests and leases.
@@ -701,7 +849,8 @@ impl Spaces {
         self.apply(&mut g, fx);
     }
 
-    /// Retire and remove every region (clean shutdown: volatile chunks end here).
+    /// Retire every region (clean shutdown: volatile chunks end here; readers still mapping
+    /// a region see it retired, and their connections close).
     pub fn shutdown(&self) {
         let mut g = self.lock();
         for (_, r) in g.regions.drain() {
@@ -785,11 +934,12 @@ impl Spaces {
         let (o, fx) = g.core.start_lease(c, space, chunk, kind, wait, timeout_ms);
         self.apply(&mut g, fx);
         match o {
-            LeaseOutcome::Granted(grant) => Step::Done(match self.fill(&g, &grant) {
-                Ok(()) => self.start_write_ok(&g, &grant),
+            LeaseOutcome::Granted(grant) => Step::Done(match self.fill(&mut g, &grant) {
+                Ok(()) => self.start_write_ok(&mut g, &grant),
                 Err(reason) => {
                     let fx = g.core.cancel(grant.lease);
                     self.apply(&mut g, fx);
+                    self.give_back(&mut g, grant.lease);
                     (SpaceReply::StartWriteFail { reason }, vec![])
                 }
             }),
@@ -864,9 +1014,10 @@ impl Spaces {
     /// Publish a committing lease: copy the payload in (if any), checksum, persist
     /// (durable), then publish in the core.
     fn publish(&self, plan: StopPlan, payload: Option<&[u8]>) -> Answer {
-        let region = {
+        let (region, buffer) = {
             let g = self.lock();
-            self.region(&g, &plan.space)
+            let buffer = g.leased.get(&plan.lease).map(|l| l.buf.clone());
+            (self.region(&g, &plan.space), buffer)
         };
         let result = (|| -> Result<(u64, u32), Reason> {
             let region = region?;
@@ -875,8 +1026,22 @@ impl Spaces {
                 self.durable.put_space(meta).map_err(io_reason)?;
             }
             let over = || fail(ReasonKind::TooLarge, "length over the slot size");
-            // the bytes to store (durable spaces) and their checksum; a lease's buffer in
-            // the slot is copied out only when it must go to disk
+            if payload.is_none() && plan.len > 0 {
+                // the lease buffer's bytes into the slot (the daemon's own copy: what the
+                // holder does to its buffer from now on changes nothing published)
+                let buf = buffer.ok_or_else(|| {
+                    fail(
+                        ReasonKind::Invalid,
+                        "this lease has no buffer: send the bytes with stop_write",
+                    )
+                })?;
+                region
+                    .slot_from_buffer(plan.slot, &buf, plan.len)
+                    .map_err(|e| {
+                        fail(ReasonKind::Io, format!("cannot copy the lease buffer: {e}"))
+                    })?;
+            }
+            // the bytes to store (durable spaces) and their checksum
             let (crc, copied) = match payload {
                 Some(p) => {
                     if !region.write_slot(plan.slot, 0, p) {
@@ -910,6 +1075,7 @@ impl Spaces {
         let mut g = self.lock();
         let (r, fx) = g.core.finish_stop(&plan, result);
         self.apply(&mut g, fx);
+        self.give_back(&mut g, plan.lease);
         match r {
             Ok(version) => (
                 SpaceReply::WriteOk {
@@ -922,35 +1088,52 @@ impl Spaces {
         }
     }
 
-    fn repair(&self, c: &Caller, space: &str) -> SpaceReply {
+    /// Check and rebuild a space's cache region. Needs write access. The heavy part (a
+    /// checksum of every cached slot) runs without the spaces' lock, so that a repair (or
+    /// a loop of them) never holds up other spaces; only the slots found damaged are
+    /// checked again, restored or dropped under it, and the index rebuilt.
+    fn repair(&self, c: &Caller, space: &str) -> Result<SpaceReply, Reason> {
+        let (meta, region, cached) = {
+            let mut g = self.lock();
+            let meta = g.core.check(c, space, true)?;
+            (meta, self.region(&g, space)?, g.core.resident(space))
+        };
+        let suspects: Vec<(String, u32, ChunkMeta)> = cached
+            .into_iter()
+            .filter(|(_, slot, m)| region.slot_crc(*slot, m.len) != Some(m.crc))
+            .collect();
+        // the stored copies of damaged durable chunks, read without the lock
+        let mut stored: HashMap<String, Vec<u8>> = HashMap::new();
+        if !meta.volatile {
+            for (chunk, _, m) in &suspects {
+                if let Ok(Some((dm, data))) = self.durable.chunk(space, chunk) {
+                    if dm.version == m.version {
+                        stored.insert(chunk.clone(), data);
+                    }
+                }
+            }
+        }
         let mut g = self.lock();
-        let meta = match g.core.check(c, space, false) {
-            Ok(m) => m,
-            Err(reason) => return SpaceReply::CacheFail { reason },
-        };
-        let region = match self.region(&g, space) {
-            Ok(r) => r,
-            Err(reason) => return SpaceReply::CacheFail { reason },
-        };
+        let region = self.region(&g, space)?;
         let mut notes = Vec::new();
         if !region.header_ok() {
             region.write_header();
             notes.push("header rewritten".to_string());
         }
+        // a suspect counts only if it is still the same copy in the same slot, and still
+        // damaged (it may have been rewritten or evicted meanwhile)
+        let now: HashMap<String, (u32, ChunkMeta)> = g
+            .core
+            .resident(space)
+            .into_iter()
+            .map(|(n, slot, m)| (n, (slot, m)))
+            .collect();
         let (mut restore, mut lost) = (Vec::new(), Vec::new());
-        for (chunk, slot, m) in g.core.resident(space) {
-            if region.slot_crc(slot, m.len) == Some(m.crc) {
+        for (chunk, slot, m) in suspects {
+            if now.get(&chunk) != Some(&(slot, m)) || region.slot_crc(slot, m.len) == Some(m.crc) {
                 continue;
             }
-            let stored = if meta.volatile {
-                None
-            } else {
-                match self.durable.chunk(space, &chunk) {
-                    Ok(Some((dm, data))) if dm.version == m.version => Some(data),
-                    _ => None,
-                }
-            };
-            match stored {
+            match stored.remove(&chunk) {
                 Some(data) => restore.push((slot, data)),
                 None => {
                     let fx = g.core.drop_resident(space, &chunk);
@@ -976,6 +1159,7 @@ impl Spaces {
         }
         let live = sets.len();
         self.apply(&mut g, sets);
+        drop(g);
         if restored > 0 {
             notes.push(format!("{restored} corrupted slot(s) restored from disk"));
         }
@@ -988,10 +1172,10 @@ impl Spaces {
             ));
         }
         notes.push(format!("index rebuilt with {live} cached chunk(s)"));
-        tracing::warn!(%space, report = %notes.join("; "), "chunk cache repaired");
-        SpaceReply::RepairOk {
+        tracing::info!(%space, uid = c.uid, report = %notes.join("; "), "chunk cache repaired");
+        Ok(SpaceReply::RepairOk {
             report: notes.join("; "),
-        }
+        })
     }
 
     fn spawn(
@@ -1104,6 +1288,24 @@ fn invalidate_reply(o: InvalidateOutcome) -> SpaceReply {
             version: 0,
             reason: Some(reason),
         },
+    }
+}
+
+/// Every region holds a descriptor (its memfd): let the daemon have as many as its hard
+/// limit allows (the soft limit is often 1024).
+fn raise_nofile() {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let l = getrlimit(Resource::Nofile);
+    if let (Some(cur), Some(max)) = (l.current, l.maximum) {
+        if cur < max {
+            let raised = Rlimit {
+                current: Some(max),
+                maximum: Some(max),
+            };
+            if let Err(e) = setrlimit(Resource::Nofile, raised) {
+                tracing::warn!("cannot raise the open-file limit from {cur} to {max}: {e}");
+            }
+        }
     }
 }
 

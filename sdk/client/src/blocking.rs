@@ -4,15 +4,13 @@
 //! Leases (start_write, start_invalidate) belong to the connection: closing it (or the
 //! process dying) gives them back, and the chunk stays at its last published version.
 
-use crate::frame::exchange;
-use crate::ops::{self, CacheSet, ClientError, Grant, Lookup};
+use crate::frame::{exchange, read_frame, write_frame, FrameError};
+use crate::ops::{self, CacheSet, ClientError, Grant, LeaseMaps, Lookup};
 use crate::proto::*;
-use crate::shm::raw::{LeaseWindow, Mapping};
-use crate::shm::{file_id, map_region_rw};
-use std::collections::HashMap;
+use crate::shm::raw::LeaseWindow;
+use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 /// A connection to `stratad`.
 pub struct Client {
@@ -20,13 +18,14 @@ pub struct Client {
     r: std::io::BufReader<UnixStream>,
     socket: PathBuf,
     caches: CacheSet,
-    rw: RwMaps,
+    rw: LeaseMaps,
     use_cache: bool,
     verify: bool,
 }
 
-/// A start_write or start_invalidate lease: a buffer of the slot size, in shared memory when
-/// this process may map the cache writable (one copy for a write), else in local memory.
+/// A start_write or start_invalidate lease: a buffer of the slot size, in the lease buffer
+/// the daemon lent this connection (a memfd it copies into the cache slot at stop_write),
+/// or in local memory (sent with stop_write) when that buffer cannot be used.
 pub struct WriteLease {
     id: u64,
     base_version: u64,
@@ -62,7 +61,7 @@ impl WriteLease {
     pub fn capacity(&self) -> usize {
         self.capacity
     }
-    /// Whether the buffer is the cache slot itself (no copy at stop_write).
+    /// Whether the buffer is the lent shared buffer (nothing to send at stop_write).
     pub fn is_shared(&self) -> bool {
         matches!(self.buf, LeaseBuf::Shared(_))
     }
@@ -95,16 +94,17 @@ impl WriteLease {
         self.buffer_mut()[..data.len()].copy_from_slice(data);
         Ok(())
     }
-    /// A lease for a grant: the slot mapped writable, or a local buffer when this process
-    /// may not map it (mode bits).
-    pub(crate) fn from_grant(g: &Grant, maps: &mut RwMaps) -> Result<WriteLease, ClientError> {
+    /// A lease for a grant: the lent buffer mapped writable, or a local buffer when it
+    /// cannot be used.
+    pub(crate) fn from_grant(
+        g: &Grant,
+        fds: Vec<OwnedFd>,
+        maps: &mut LeaseMaps,
+    ) -> Result<WriteLease, ClientError> {
         let capacity = usize::try_from(g.capacity)
             .map_err(|_| ClientError::Protocol("lease capacity".into()))?;
         let len = usize::try_from(g.len.min(g.capacity)).unwrap_or(0);
-        let window = maps
-            .get(&g.path)
-            .and_then(|m| Mapping::lease_window(&m, g.offset as usize, capacity));
-        let buf = match window {
+        let buf = match maps.window(g, fds) {
             Some(w) => LeaseBuf::Shared(w),
             None => LeaseBuf::Local(vec![0u8; capacity]),
         };
@@ -165,34 +165,6 @@ impl std::fmt::Debug for WriteLease {
     }
 }
 
-/// (device, inode) of a region file.
-type FileId = (u64, u64);
-
-/// Regions mapped read-write for lease buffers, by path, mapped once (a lease then costs no
-/// mmap and, after a slot's first use, no page faults).
-#[derive(Default)]
-pub(crate) struct RwMaps {
-    maps: HashMap<String, (FileId, Option<Arc<Mapping>>)>,
-}
-
-impl RwMaps {
-    /// The current region at `path` mapped writable (`None`: this process may not).
-    pub(crate) fn get(&mut self, path: &str) -> Option<Arc<Mapping>> {
-        let id = file_id(Path::new(path))?;
-        match self.maps.get(path) {
-            Some((known, m)) if *known == id => m.clone(),
-            _ => {
-                let m = map_region_rw(Path::new(path))
-                    .ok()
-                    .filter(|(_, mid)| *mid == id)
-                    .map(|(m, _)| Arc::new(m));
-                self.maps.insert(path.to_string(), (id, m.clone()));
-                m
-            }
-        }
-    }
-}
-
 /// start_write / start_invalidate: STARTWRITE_OK with a lease, or STARTWRITE_FAIL.
 #[derive(Debug)]
 pub enum StartWriteStatus {
@@ -222,7 +194,7 @@ impl Client {
             r,
             socket: path.to_owned(),
             caches: CacheSet::default(),
-            rw: RwMaps::default(),
+            rw: LeaseMaps::default(),
             use_cache: true,
             verify: true,
         })
@@ -284,6 +256,55 @@ impl Client {
         let env = ops::envelope(req)?;
         let (reply, data) = self.round_trip(&env, payload)?;
         Ok((ops::space_reply(reply)?, data))
+    }
+
+    /// A space request whose reply may carry descriptors (GETCHUNKCACHE_OK's region,
+    /// STARTWRITE_OK's lease buffer): the reply's first bytes are received with `recvmsg`.
+    fn space_fds(
+        &mut self,
+        req: &SpaceRequest,
+    ) -> Result<(SpaceReply, Vec<u8>, Vec<OwnedFd>), ClientError> {
+        let env = ops::envelope(req)?;
+        let (mut reply, mut data, mut fds) = self.exchange_fds(&env)?;
+        if ops::is_idle_close(&reply) {
+            // closed for idleness before the request was read: connect again, send again
+            let fresh = Client::connect(&self.socket)?;
+            self.s = fresh.s;
+            self.r = fresh.r;
+            (reply, data, fds) = self.exchange_fds(&env)?;
+        }
+        Ok((ops::space_reply(reply)?, data, fds))
+    }
+
+    fn exchange_fds(
+        &mut self,
+        env: &serde_json::Value,
+    ) -> Result<(serde_json::Value, Vec<u8>, Vec<OwnedFd>), ClientError> {
+        if let Err(e) = write_frame(&mut self.s, env, &[]) {
+            // a daemon that closed the connection may have said why first: read it
+            if !matches!(
+                e.kind(),
+                std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+            ) {
+                return Err(FrameError::Io(e).into());
+            }
+        }
+        let mut fds = Vec::new();
+        // one reply per request: nothing of this reply is buffered yet (if something were,
+        // its descriptors would be lost, and the client falls back to the socket)
+        let (reply, data): (serde_json::Value, Vec<u8>) = if self.r.buffer().is_empty() {
+            let mut first = vec![0u8; 16 << 10];
+            let n = crate::fdpass::recv_with_fds(&self.s, &mut first, &mut fds)
+                .map_err(FrameError::Io)?;
+            if n == 0 {
+                return Err(FrameError::Closed.into());
+            }
+            first.truncate(n);
+            read_frame(&mut std::io::Read::chain(&first[..], &mut self.r))?
+        } else {
+            read_frame(&mut self.r)?
+        };
+        Ok((reply, data, fds))
     }
 
     /// A DMAPI call (`payload`: the message of `send-msg`). `Ok(Err(e))` is the DMAPI
@@ -397,12 +418,19 @@ impl Client {
         ops::chunk_page(self.space(&req, &[])?.0)
     }
 
-    /// Where the space's shared-memory cache is.
+    /// The space's shared-memory cache: GETCHUNKCACHE_OK with the region's name and size
+    /// (the region itself, lent with the reply, is what cache hits read; this call only
+    /// reports on it).
     pub fn cache(&mut self, space: &str) -> Result<CacheStatus, ClientError> {
+        Ok(self.cache_region(space)?.0)
+    }
+
+    fn cache_region(&mut self, space: &str) -> Result<(CacheStatus, Vec<OwnedFd>), ClientError> {
         let req = SpaceRequest::Cache {
             space: space.into(),
         };
-        ops::cache(self.space(&req, &[])?.0)
+        let (r, _, fds) = self.space_fds(&req)?;
+        Ok((ops::cache(r)?, fds))
     }
 
     /// Start an allow-listed program on a host of the space, as this process's uid.
@@ -460,15 +488,24 @@ impl Client {
         buf: &mut Vec<u8>,
     ) -> Result<Option<u64>, ClientError> {
         loop {
-            match self.caches.lookup(space, chunk, buf, self.verify) {
+            let s = &self.s;
+            let closed = || crate::fdpass::peer_closed(s);
+            match self.caches.lookup(space, chunk, buf, self.verify, closed) {
                 Lookup::Hit(v) => return Ok(Some(v)),
                 Lookup::Miss => return Ok(None),
                 Lookup::Open => {
-                    let st = self.cache(space)?;
-                    self.caches.opened(space, st);
+                    let (st, fds) = self.cache_region(space)?;
+                    self.caches.opened(space, st, fds);
                 }
                 Lookup::Repair(what) => {
-                    let report = self.repair(space)?;
+                    let report = match self.repair(space) {
+                        Ok(r) => Ok(r),
+                        Err(ClientError::Api(e)) => {
+                            self.caches.set_unavailable(space);
+                            Err(e)
+                        }
+                        Err(e) => return Err(e),
+                    };
                     ops::report_repair(space, &what, &report);
                     return Ok(None);
                 }
@@ -542,9 +579,11 @@ impl Client {
             timeout_ms: timeout.map(|d| d.as_millis().min(u64::MAX as u128) as u64),
             keep,
         };
-        let (r, _) = self.space(&req, &[])?;
+        let (r, _, fds) = self.space_fds(&req)?;
         match ops::start_write(r)? {
-            Ok(g) => Ok(StartWriteStatus::Ok(self.lease(space, chunk, g, keep)?)),
+            Ok(g) => Ok(StartWriteStatus::Ok(
+                self.lease(space, chunk, g, fds, keep)?,
+            )),
             Err(reason) => Ok(StartWriteStatus::Fail(reason)),
         }
     }
@@ -554,9 +593,10 @@ impl Client {
         space: &str,
         chunk: &str,
         g: Grant,
+        fds: Vec<OwnedFd>,
         keep: bool,
     ) -> Result<WriteLease, ClientError> {
-        let mut lease = WriteLease::from_grant(&g, &mut self.rw)?;
+        let mut lease = WriteLease::from_grant(&g, fds, &mut self.rw)?;
         if lease.needs_fill(keep) {
             let req = SpaceRequest::Read {
                 space: space.into(),
@@ -611,9 +651,11 @@ impl Client {
             wait,
             timeout_ms: timeout.map(|d| d.as_millis().min(u64::MAX as u128) as u64),
         };
-        let (r, _) = self.space(&req, &[])?;
+        let (r, _, fds) = self.space_fds(&req)?;
         match ops::start_write(r)? {
-            Ok(g) => Ok(StartWriteStatus::Ok(self.lease(space, chunk, g, false)?)),
+            Ok(g) => Ok(StartWriteStatus::Ok(
+                self.lease(space, chunk, g, fds, false)?,
+            )),
             Err(reason) => Ok(StartWriteStatus::Fail(reason)),
         }
     }

@@ -1,10 +1,11 @@
 //! The async client (tokio): the same operations as [`crate::Client`], with cache hits
 //! served without awaiting anything.
 
-use crate::blocking::{RwMaps, StartWriteStatus, WriteLease};
-use crate::frame::exchange_async;
-use crate::ops::{self, CacheSet, ClientError, Lookup};
+use crate::blocking::{StartWriteStatus, WriteLease};
+use crate::frame::{exchange_async, read_frame_async, write_frame_async, FrameError};
+use crate::ops::{self, CacheSet, ClientError, LeaseMaps, Lookup};
 use crate::proto::*;
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tokio::net::UnixStream;
@@ -14,7 +15,7 @@ pub struct AsyncClient {
     s: UnixStream,
     socket: PathBuf,
     caches: CacheSet,
-    rw: RwMaps,
+    rw: LeaseMaps,
     use_cache: bool,
     verify: bool,
 }
@@ -37,7 +38,7 @@ impl AsyncClient {
             s,
             socket: path.to_owned(),
             caches: CacheSet::default(),
-            rw: RwMaps::default(),
+            rw: LeaseMaps::default(),
             use_cache: true,
             verify: true,
         })
@@ -73,6 +74,58 @@ impl AsyncClient {
             (reply, data) = exchange_async(&mut self.s, &env, payload).await?;
         }
         Ok((ops::space_reply(reply)?, data))
+    }
+
+    /// A space request whose reply may carry descriptors (see the blocking client).
+    async fn space_fds(
+        &mut self,
+        req: SpaceRequest,
+    ) -> Result<(SpaceReply, Vec<u8>, Vec<OwnedFd>), ClientError> {
+        let env = ops::envelope(&req)?;
+        let (mut reply, mut data, mut fds) = self.exchange_fds(&env).await?;
+        if ops::is_idle_close(&reply) {
+            // closed for idleness before the request was read: connect again, send again
+            let path = self.socket.clone();
+            self.s = UnixStream::connect(&path)
+                .await
+                .map_err(|source| ClientError::Connect {
+                    path: path.display().to_string(),
+                    source,
+                })?;
+            (reply, data, fds) = self.exchange_fds(&env).await?;
+        }
+        Ok((ops::space_reply(reply)?, data, fds))
+    }
+
+    async fn exchange_fds(
+        &mut self,
+        env: &serde_json::Value,
+    ) -> Result<(serde_json::Value, Vec<u8>, Vec<OwnedFd>), ClientError> {
+        if let Err(e) = write_frame_async(&mut self.s, env, &[]).await {
+            // a daemon that closed the connection may have said why first: read it
+            if !matches!(
+                e.kind(),
+                std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+            ) {
+                return Err(FrameError::Io(e).into());
+            }
+        }
+        let mut fds = Vec::new();
+        let mut first = vec![0u8; 16 << 10];
+        let n = self
+            .s
+            .async_io(tokio::io::Interest::READABLE, || {
+                crate::fdpass::recv_with_fds(&self.s, &mut first, &mut fds)
+            })
+            .await
+            .map_err(FrameError::Io)?;
+        if n == 0 {
+            return Err(FrameError::Closed.into());
+        }
+        first.truncate(n);
+        let mut chained = tokio::io::AsyncReadExt::chain(&first[..], &mut self.s);
+        let (reply, data): (serde_json::Value, Vec<u8>) = read_frame_async(&mut chained).await?;
+        Ok((reply, data, fds))
     }
 
     /// CREATE_OK / CREATE_EXISTS.
@@ -132,10 +185,18 @@ impl AsyncClient {
         }
     }
 
-    /// GETCHUNKCACHE_OK / _FAIL.
+    /// GETCHUNKCACHE_OK / _FAIL (the lent region itself is used by cache hits only).
     pub async fn cache(&mut self, space: &str) -> Result<CacheStatus, ClientError> {
+        Ok(self.cache_region(space).await?.0)
+    }
+
+    async fn cache_region(
+        &mut self,
+        space: &str,
+    ) -> Result<(CacheStatus, Vec<OwnedFd>), ClientError> {
         let space = space.into();
-        ops::cache(self.space(SpaceRequest::Cache { space }, &[]).await?.0)
+        let (r, _, fds) = self.space_fds(SpaceRequest::Cache { space }).await?;
+        Ok((ops::cache(r)?, fds))
     }
 
     /// SPAWNPROCESS_OK / _NOSPACE / _NOHOST / _FAIL.
@@ -162,15 +223,24 @@ impl AsyncClient {
         buf: &mut Vec<u8>,
     ) -> Result<Option<u64>, ClientError> {
         loop {
-            match self.caches.lookup(space, chunk, buf, self.verify) {
+            let s = &self.s;
+            let closed = || crate::fdpass::peer_closed(s);
+            match self.caches.lookup(space, chunk, buf, self.verify, closed) {
                 Lookup::Hit(v) => return Ok(Some(v)),
                 Lookup::Miss => return Ok(None),
                 Lookup::Open => {
-                    let st = self.cache(space).await?;
-                    self.caches.opened(space, st);
+                    let (st, fds) = self.cache_region(space).await?;
+                    self.caches.opened(space, st, fds);
                 }
                 Lookup::Repair(what) => {
-                    let report = self.repair(space).await?;
+                    let report = match self.repair(space).await {
+                        Ok(r) => Ok(r),
+                        Err(ClientError::Api(e)) => {
+                            self.caches.set_unavailable(space);
+                            Err(e)
+                        }
+                        Err(e) => return Err(e),
+                    };
                     ops::report_repair(space, &what, &report);
                     return Ok(None);
                 }
@@ -264,12 +334,12 @@ impl AsyncClient {
             },
             _ => return Err(ClientError::Protocol("not a lease request".into())),
         };
-        let (r, _) = self.space(req, &[]).await?;
+        let (r, _, fds) = self.space_fds(req).await?;
         let g = match ops::start_write(r)? {
             Ok(g) => g,
             Err(reason) => return Ok(StartWriteStatus::Fail(reason)),
         };
-        let mut lease = WriteLease::from_grant(&g, &mut self.rw)?;
+        let mut lease = WriteLease::from_grant(&g, fds, &mut self.rw)?;
         if lease.needs_fill(keep) {
             let (r, data) = self.space(read, &[]).await?;
             lease.fill_local(&r, &data);

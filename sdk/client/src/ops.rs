@@ -3,9 +3,12 @@
 
 use crate::frame::FrameError;
 use crate::proto::*;
-use crate::shm::{CacheError, Reader};
+use crate::shm::raw::{LeaseWindow, Mapping};
+use crate::shm::{map_lease_buffer, CacheError, Reader};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
 
 /// The daemon refused a request (not a seed status: a malformed request, a privilege check,
 /// an internal failure). Nothing changed.
@@ -161,7 +164,7 @@ pub(crate) fn next_page(
 
 pub(crate) fn cache(r: SpaceReply) -> Result<CacheStatus, ClientError> {
     match r {
-        SpaceReply::CacheOk { path, size } => Ok(CacheStatus::Ok { path, size }),
+        SpaceReply::CacheOk { region, size } => Ok(CacheStatus::Ok { region, size }),
         SpaceReply::CacheFail { reason } => Ok(CacheStatus::Fail(reason)),
         r => Err(other(&r)),
     }
@@ -250,8 +253,7 @@ pub(crate) struct Grant {
     pub lease: u64,
     pub version: u64,
     pub len: u64,
-    pub path: String,
-    pub offset: u64,
+    pub buffer: u64,
     pub capacity: u64,
 }
 
@@ -261,15 +263,13 @@ pub(crate) fn start_write(r: SpaceReply) -> Result<Result<Grant, Reason>, Client
             lease,
             version,
             len,
-            path,
-            offset,
+            buffer,
             capacity,
         } => Ok(Ok(Grant {
             lease,
             version,
             len,
-            path,
-            offset,
+            buffer,
             capacity,
         })),
         SpaceReply::StartWriteFail { reason } => Ok(Err(reason)),
@@ -290,6 +290,10 @@ pub(crate) struct CacheSet {
     /// A mapped region, or none since the instant given (asked again a second later: the
     /// space may have been created, repaired or opened to us since).
     spaces: HashMap<String, Slot>,
+    /// When the connection to the daemon was last seen open.
+    checked: Option<std::time::Instant>,
+    /// The daemon closed the connection: its regions are not trusted any more.
+    dead: bool,
 }
 
 enum Slot {
@@ -299,13 +303,18 @@ enum Slot {
 
 const RETRY_UNAVAILABLE: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// How long a cache hit may be served without checking that the daemon that lent the
+/// region is still there (one non-blocking peek at the socket). A daemon that died (kill
+/// -9, crash) cannot mark its regions retired; its connection closing is what tells.
+pub(crate) const LIVENESS_EVERY: std::time::Duration = std::time::Duration::from_millis(1);
+
 /// What a cache lookup found, and what the client must do next.
 pub(crate) enum Lookup {
     /// A hit at this version (the buffer holds it).
     Hit(u64),
     /// Ask the daemon.
     Miss,
-    /// Ask the daemon where the cache is (GETCHUNKCACHE), pass the answer to `opened`, and
+    /// Ask the daemon for the region (GETCHUNKCACHE), pass the answer to `opened`, and
     /// look up again.
     Open,
     /// The region is corrupted: ask the daemon to repair it, then read through it.
@@ -313,13 +322,19 @@ pub(crate) enum Lookup {
 }
 
 impl CacheSet {
+    /// Look `chunk` up in the space's region. `peer_closed` says whether the daemon has
+    /// closed the connection (asked at most every [`LIVENESS_EVERY`] before a hit).
     pub(crate) fn lookup(
         &mut self,
         space: &str,
         chunk: &str,
         buf: &mut Vec<u8>,
         verify: bool,
+        peer_closed: impl FnOnce() -> bool,
     ) -> Lookup {
+        if self.dead {
+            return Lookup::Miss;
+        }
         let reader = match self.spaces.get(space) {
             None => return Lookup::Open,
             Some(Slot::Unavailable(since)) if since.elapsed() >= RETRY_UNAVAILABLE => {
@@ -329,10 +344,26 @@ impl CacheSet {
             Some(Slot::Mapped(r)) => r,
         };
         match reader.lookup_into(chunk, buf, verify) {
-            Ok(Some(v)) => Lookup::Hit(v),
+            Ok(Some(v)) => {
+                let now = std::time::Instant::now();
+                let due = self
+                    .checked
+                    .is_none_or(|t| now.duration_since(t) >= LIVENESS_EVERY);
+                if due {
+                    if peer_closed() {
+                        // the daemon is gone: what it lent is not served any more (reads
+                        // go to the socket, which reports the broken connection)
+                        self.dead = true;
+                        self.spaces.clear();
+                        return Lookup::Miss;
+                    }
+                    self.checked = Some(now);
+                }
+                Lookup::Hit(v)
+            }
             Ok(None) => Lookup::Miss,
             Err(CacheError::Retired) => {
-                // the daemon replaced the region (restart, repair): map the current one
+                // the daemon replaced the region (unjoin and join, shutdown): ask again
                 self.spaces.remove(space);
                 Lookup::Open
             }
@@ -350,17 +381,27 @@ impl CacheSet {
         }
     }
 
-    /// Record GETCHUNKCACHE's answer: a mapped region, or none (read through the daemon).
-    pub(crate) fn opened(&mut self, space: &str, st: CacheStatus) {
-        let reader = match st {
-            CacheStatus::Ok { path, .. } => Reader::open(std::path::Path::new(&path)).ok(),
-            CacheStatus::Fail(_) => None,
+    /// Record GETCHUNKCACHE's answer and the region it lent: a mapped region, or none (read
+    /// through the daemon).
+    pub(crate) fn opened(&mut self, space: &str, st: CacheStatus, fds: Vec<OwnedFd>) {
+        let reader = match (st, fds.into_iter().next()) {
+            (CacheStatus::Ok { .. }, Some(fd)) => Reader::from_fd(fd).ok(),
+            _ => None,
         };
         let slot = match reader {
             Some(r) => Slot::Mapped(r),
             None => Slot::Unavailable(std::time::Instant::now()),
         };
         self.spaces.insert(space.to_owned(), slot);
+    }
+
+    /// Read `space` through the daemon for a while (its region is damaged and this
+    /// caller may not repair it).
+    pub(crate) fn set_unavailable(&mut self, space: &str) {
+        self.spaces.insert(
+            space.to_owned(),
+            Slot::Unavailable(std::time::Instant::now()),
+        );
     }
 
     pub(crate) fn forget(&mut self, space: &str) {
@@ -372,11 +413,59 @@ impl CacheSet {
     }
 }
 
-/// Tell the user that a corrupted region was found and what the daemon did.
-pub(crate) fn report_repair(space: &str, what: &str, report: &str) {
-    eprintln!(
-        "strata-client: chunk cache of space {space} was corrupted ({what}); the daemon repaired it: {report}"
-    );
+/// Lease buffer mappings a client keeps (beyond, unused ones are unmapped).
+const KEEP_LEASE_MAPS: usize = 32;
+
+/// Lease buffers this connection was lent, by buffer number, mapped once (a lease then
+/// costs no mmap and, after the buffer's first use, no page faults).
+#[derive(Default)]
+pub(crate) struct LeaseMaps {
+    maps: HashMap<u64, Arc<Mapping>>,
+}
+
+impl LeaseMaps {
+    /// Record a buffer lent with a STARTWRITE_OK (its descriptor, if it came with the reply)
+    /// and return its window, or `None` when this process cannot use it in place (not lent,
+    /// not mappable, or a `WriteLease` of this process still holds a window on it).
+    pub(crate) fn window(&mut self, g: &Grant, fds: Vec<OwnedFd>) -> Option<LeaseWindow> {
+        if let Some(fd) = fds.into_iter().next() {
+            match map_lease_buffer(fd, g.capacity) {
+                Ok(m) => {
+                    self.maps.insert(g.buffer, Arc::new(m));
+                }
+                Err(_) => {
+                    self.maps.remove(&g.buffer);
+                }
+            }
+        }
+        if self.maps.len() > KEEP_LEASE_MAPS {
+            // buffers not in use and not this one (the daemon frees spares beyond its own
+            // limit; one it still lends later is then used through a local buffer)
+            let keep = g.buffer;
+            self.maps
+                .retain(|id, m| *id == keep || Arc::strong_count(m) > 1);
+        }
+        let m = self.maps.get(&g.buffer)?;
+        // a window still alive elsewhere holds a clone: never hand out two
+        if Arc::strong_count(m) > 1 {
+            return None;
+        }
+        Mapping::lease_window(m, 0, usize::try_from(g.capacity).ok()?)
+    }
+}
+
+/// Tell the user that a corrupted region was found and what the daemon did (`Err`: the
+/// daemon refused to repair it for this caller, e.g. without write access; reads go
+/// through the daemon meanwhile).
+pub(crate) fn report_repair(space: &str, what: &str, report: &Result<String, ApiError>) {
+    match report {
+        Ok(report) => eprintln!(
+            "strata-client: chunk cache of space {space} was corrupted ({what}); the daemon repaired it: {report}"
+        ),
+        Err(e) => eprintln!(
+            "strata-client: chunk cache of space {space} is corrupted ({what}); not repaired: {e}"
+        ),
+    }
 }
 
 /// Whether a reply says the daemon closed the connection for idleness before reading the

@@ -345,8 +345,10 @@ pub enum SpaceReply {
     },
     #[serde(rename = "GETCHUNKLIST_FAIL")]
     ChunksFail { reason: Reason },
+    /// The region's descriptor rides on the reply (SCM_RIGHTS, see `fdpass`); `region`
+    /// is its memfd name, for people.
     #[serde(rename = "GETCHUNKCACHE_OK")]
-    CacheOk { path: String, size: u64 },
+    CacheOk { region: String, size: u64 },
     #[serde(rename = "GETCHUNKCACHE_FAIL")]
     CacheFail { reason: Reason },
     #[serde(rename = "SPAWNPROCESS_OK")]
@@ -382,15 +384,15 @@ pub enum SpaceReply {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         reason: Option<Reason>,
     },
-    /// A lease and where its buffer is: `capacity` bytes at `offset` of the cache file
-    /// `path`; the first `len` bytes hold the last published contents when asked for.
+    /// A lease and its buffer: `capacity` bytes of the connection's lease buffer number
+    /// `buffer` (a memfd whose descriptor rides on the reply the first time the connection
+    /// sees it); the first `len` bytes hold the last published contents when asked for.
     #[serde(rename = "STARTWRITE_OK")]
     StartWriteOk {
         lease: u64,
         version: u64,
         len: u64,
-        path: String,
-        offset: u64,
+        buffer: u64,
         capacity: u64,
     },
     #[serde(rename = "STARTWRITE_FAIL")]
@@ -531,10 +533,10 @@ pub enum ChunkListStatus {
 /// chunk cache: GETCHUNKCACHE_OK / _FAIL.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CacheStatus {
-    /// GETCHUNKCACHE_OK: the region file and its size.
+    /// GETCHUNKCACHE_OK: the region (lent to the client, which maps it) and its size.
     Ok {
-        /// Path under /dev/shm.
-        path: String,
+        /// The region's memfd name (for people; it is not a path).
+        region: String,
         /// Bytes.
         size: u64,
     },

@@ -1,5 +1,6 @@
-//! The shared-memory chunk cache: one file per space under `/dev/shm`, written by the
-//! daemon, read by local clients without a round trip (format in `docs/spaces.md`).
+//! The shared-memory chunk cache: one region per space, a memfd the daemon owns and lends
+//! read-only to local clients over the socket, who read it without a round trip (format
+//! in `docs/spaces.md`).
 //!
 //! All integers are little-endian.
 //!
@@ -29,7 +30,6 @@ pub(crate) mod raw;
 
 use raw::Mapping;
 use std::fs::File;
-use std::path::{Path, PathBuf};
 use std::sync::atomic::{fence, Ordering};
 
 /// "STRATSHM".
@@ -238,7 +238,7 @@ fn decode_header(h: &[u8; 64], file_len: u64) -> Result<(Geometry, u64), CacheEr
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum CacheError {
-    /// The region file could not be opened or mapped.
+    /// The region could not be mapped.
     #[error("cannot map {path}: {source}")]
     Io {
         /// Region path.
@@ -262,19 +262,26 @@ pub struct Reader {
     map: Mapping,
     geo: Geometry,
     generation: u64,
-    path: PathBuf,
 }
 
 const SEQ_TRIES: u32 = 64;
 
 impl Reader {
-    /// Map the region at `path` read-only and check its header.
-    pub fn open(path: &Path) -> Result<Reader, CacheError> {
+    /// Map a region lent by the daemon (GETCHUNKCACHE_OK's descriptor) read-only and check
+    /// its header. It must be sealed against shrinking: otherwise another process could
+    /// make this one's reads fault.
+    pub fn from_fd(fd: std::os::fd::OwnedFd) -> Result<Reader, CacheError> {
         let io = |source| CacheError::Io {
-            path: path.display().to_string(),
+            path: "the lent region".into(),
             source,
         };
-        let file = File::open(path).map_err(io)?;
+        let s = seals(&fd).map_err(io)?;
+        if !s.contains(rustix::fs::SealFlags::SHRINK) {
+            return Err(io(std::io::Error::other(
+                "the region is not sealed against shrinking",
+            )));
+        }
+        let file = File::from(fd);
         let map = Mapping::read_only(&file).map_err(io)?;
         let mut h = [0u8; 64];
         if !map.read(0, &mut h) {
@@ -287,7 +294,6 @@ impl Reader {
             map,
             geo,
             generation,
-            path: path.to_owned(),
         };
         r.check_live()?;
         Ok(r)
@@ -300,10 +306,6 @@ impl Reader {
     /// The region's generation (new each time the daemon creates the region).
     pub fn generation(&self) -> u64 {
         self.generation
-    }
-    /// The region file.
-    pub fn path(&self) -> &Path {
-        &self.path
     }
 
     fn check_live(&self) -> Result<(), CacheError> {
@@ -402,57 +404,71 @@ impl Reader {
 }
 
 /// The daemon's read-write view of a region: it alone writes the header and the index.
+///
+/// The region is a memfd the daemon owns: no path, nothing in /dev/shm for anyone to
+/// truncate, replace or plant a symlink at. Its size is fixed by seals (`F_SEAL_SHRINK`,
+/// `F_SEAL_GROW`) before the daemon maps it, and after the daemon's own writable mapping
+/// exists `F_SEAL_FUTURE_WRITE` makes every other mapping, `write` and hole punch fail, so
+/// a client holding the descriptor can only read it. `F_SEAL_SEAL` fixes the seals.
 pub struct Region {
     map: Mapping,
     geo: Geometry,
     generation: u64,
-    path: PathBuf,
+    file: File,
+    name: String,
 }
 
-/// Who owns a new region file, and its mode.
-#[derive(Debug, Clone, Copy)]
-pub struct Access {
-    /// Owner uid (`None`: the daemon's).
-    pub uid: Option<u32>,
-    /// Group.
-    pub gid: Option<u32>,
-    /// Mode bits (read bits let clients map it; write bits let lease holders map slots).
-    pub mode: u32,
+/// A new memfd named `name` (close-on-exec, sealable, never executable).
+fn memfd(name: &str) -> std::io::Result<File> {
+    use rustix::fs::{memfd_create, MemfdFlags};
+    let base = MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING;
+    let fd = match memfd_create(name, base | MemfdFlags::NOEXEC_SEAL) {
+        // kernels before 6.3 do not know MFD_NOEXEC_SEAL
+        Err(rustix::io::Errno::INVAL) => memfd_create(name, base)?,
+        r => r?,
+    };
+    Ok(File::from(fd))
+}
+
+/// Size `file` to `len` bytes of real memory now (a full memory is an error here, not a
+/// SIGBUS on first touch) and seal its size.
+fn size_and_seal(file: &File, len: u64) -> std::io::Result<()> {
+    use rustix::fs::{fallocate, fcntl_add_seals, ftruncate, FallocateFlags, SealFlags};
+    ftruncate(file, len)?;
+    fallocate(file, FallocateFlags::empty(), 0, len)?;
+    fcntl_add_seals(file, SealFlags::SHRINK | SealFlags::GROW)?;
+    Ok(())
+}
+
+fn seals(fd: impl std::os::fd::AsFd) -> std::io::Result<rustix::fs::SealFlags> {
+    Ok(rustix::fs::fcntl_get_seals(fd)?)
 }
 
 impl Region {
-    /// Create the region file (retiring and replacing one left at `path`), sized and laid
-    /// out for `geo`, with an empty index.
-    pub fn create(
-        path: &Path,
-        geo: Geometry,
-        generation: u64,
-        access: Access,
-    ) -> std::io::Result<Region> {
-        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    /// Create a region (memfd `name`) laid out for `geo`, with an empty index.
+    pub fn create(name: &str, geo: Geometry, generation: u64) -> std::io::Result<Region> {
+        use rustix::fs::{fchmod, fcntl_add_seals, Mode, SealFlags};
         if geo.slot_size == 0 || !geo.slot_size.is_multiple_of(4096) || geo.slot_count == 0 {
             return Err(std::io::Error::other(
                 "slot size must be a positive multiple of 4096 and slots at least 1",
             ));
         }
-        retire_file(path);
-        let _ = std::fs::remove_file(path);
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(path)?;
-        file.set_len(geo.file_size())?;
-        raw::allocate(&file, geo.file_size())?;
-        std::os::unix::fs::fchown(&file, access.uid, access.gid)?;
-        file.set_permissions(std::fs::Permissions::from_mode(access.mode & 0o666))?;
+        let file = memfd(name)?;
+        size_and_seal(&file, geo.file_size())?;
+        // nobody but the daemon may open it again through /proc/<pid>/fd
+        fchmod(&file, Mode::from_raw_mode(0o600))?;
         let map = Mapping::read_write(&file)?;
+        if map.len() as u64 != geo.file_size() {
+            return Err(std::io::Error::other("region mapping of the wrong size"));
+        }
+        // from now on only this mapping can change the region
+        fcntl_add_seals(&file, SealFlags::FUTURE_WRITE | SealFlags::SEAL)?;
         let r = Region {
             map,
             geo,
             generation,
-            path: path.to_owned(),
+            file,
+            name: name.to_owned(),
         };
         r.write_header();
         Ok(r)
@@ -462,9 +478,18 @@ impl Region {
     pub fn geometry(&self) -> Geometry {
         self.geo
     }
-    /// Path.
-    pub fn path(&self) -> &Path {
-        &self.path
+    /// The memfd's name (for people: it shows in `/proc/<pid>/fd` and `/proc/<pid>/maps`).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+    /// Generation.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// A descriptor of the region to lend to a reader (it can only map it read-only).
+    pub fn share(&self) -> std::io::Result<std::os::fd::OwnedFd> {
+        Ok(self.file.try_clone()?.into())
     }
 
     /// (Re)write the header and mark the region live.
@@ -570,6 +595,33 @@ impl Region {
             )
     }
 
+    /// Copy the first `len` bytes of a lease buffer into `slot` (with `pread`: whatever
+    /// the holder does to its buffer meanwhile, this copies bytes or fails, never faults).
+    pub fn slot_from_buffer(&self, slot: u32, buf: &LeaseBuffer, len: u64) -> std::io::Result<()> {
+        if slot >= self.geo.slot_count || len > self.geo.slot_size || len > buf.size {
+            return Err(std::io::Error::other("length over the slot or buffer size"));
+        }
+        self.map.pread_into(
+            self.geo.slot_offset(slot) as usize,
+            len as usize,
+            &buf.file,
+            0,
+        )
+    }
+
+    /// Copy the first `len` bytes of `slot` into a lease buffer (with `pwrite`).
+    pub fn slot_to_buffer(&self, slot: u32, len: u64, buf: &LeaseBuffer) -> std::io::Result<()> {
+        if slot >= self.geo.slot_count || len > self.geo.slot_size || len > buf.size {
+            return Err(std::io::Error::other("length over the slot or buffer size"));
+        }
+        self.map.pwrite_from(
+            self.geo.slot_offset(slot) as usize,
+            len as usize,
+            &buf.file,
+            0,
+        )
+    }
+
     /// crc32c of the first `len` bytes of `slot`.
     pub fn slot_crc(&self, slot: u32, len: u64) -> Option<u32> {
         if slot >= self.geo.slot_count || len > self.geo.slot_size {
@@ -579,75 +631,78 @@ impl Region {
             .crc(self.geo.slot_offset(slot) as usize, len as usize)
     }
 
-    /// Mark the region retired (readers that still map it stop using it) and remove its
-    /// file (the mapping lives on until the last handle is dropped).
+    /// Mark the region retired: readers that still map it stop using it and ask the daemon
+    /// for the current one (the memory goes when the last mapping does).
     pub fn remove(&self) {
         self.map.store_u64(STATE_OFF, RETIRED, Ordering::Release);
-        let _ = std::fs::remove_file(&self.path);
     }
 }
 
-/// Mark a region file left by an earlier daemon retired, so that clients still mapping it
-/// stop trusting it.
-fn retire_file(path: &Path) {
-    let Ok(file) = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-    else {
-        return;
-    };
-    let Ok(map) = Mapping::read_write(&file) else {
-        return;
-    };
-    let mut h = [0u8; 8];
-    if map.read(0, &mut h) && &h == MAGIC {
-        map.store_u64(STATE_OFF, RETIRED, Ordering::Release);
+/// A lease's buffer: a memfd of the slot size lent to the lease holder (writable by it),
+/// its size sealed before it is lent. The daemon never maps it: it copies the buffer into
+/// the slot with `pread` at stop_write and checksums its own copy, so what the holder does
+/// to its buffer (rewrite it meanwhile, punch holes) cannot fault the daemon or make the
+/// published bytes differ from their checksum.
+pub struct LeaseBuffer {
+    file: File,
+    size: u64,
+}
+
+impl LeaseBuffer {
+    /// A new buffer of `size` bytes (allocated now).
+    pub fn create(name: &str, size: u64) -> std::io::Result<LeaseBuffer> {
+        use rustix::fs::{fchmod, fcntl_add_seals, Mode, SealFlags};
+        let file = memfd(name)?;
+        size_and_seal(&file, size)?;
+        fcntl_add_seals(&file, SealFlags::SEAL)?;
+        fchmod(&file, Mode::from_raw_mode(0o600))?;
+        Ok(LeaseBuffer { file, size })
+    }
+    /// Bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+    /// A descriptor to lend to the holder.
+    pub fn share(&self) -> std::io::Result<std::os::fd::OwnedFd> {
+        Ok(self.file.try_clone()?.into())
+    }
+    /// Write `data` at the start (filling a lease from the store).
+    pub fn write_start(&self, data: &[u8]) -> std::io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        if data.len() as u64 > self.size {
+            return Err(std::io::Error::other("data over the buffer size"));
+        }
+        self.file.write_all_at(data, 0)
     }
 }
 
-/// Map a whole region read-write (for lease buffers), with the file's identity so that a
-/// replaced region is noticed.
-pub(crate) fn map_region_rw(path: &Path) -> std::io::Result<(Mapping, (u64, u64))> {
-    use std::os::unix::fs::MetadataExt;
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)?;
-    let m = file.metadata()?;
-    Ok((Mapping::read_write(&file)?, (m.dev(), m.ino())))
-}
-
-/// The identity (device, inode) of the file at `path` now.
-pub fn file_id(path: &Path) -> Option<(u64, u64)> {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+/// Map a lease buffer lent by the daemon read-write (the holder's side): it must be a
+/// memfd sealed against shrinking, of exactly `capacity` bytes.
+pub(crate) fn map_lease_buffer(
+    fd: std::os::fd::OwnedFd,
+    capacity: u64,
+) -> std::io::Result<Mapping> {
+    if !seals(&fd)?.contains(rustix::fs::SealFlags::SHRINK) {
+        return Err(std::io::Error::other("lease buffer is not sealed"));
+    }
+    let file = File::from(fd);
+    if file.metadata()?.len() != capacity {
+        return Err(std::io::Error::other("lease buffer of the wrong size"));
+    }
+    Mapping::read_write(&file)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn region(dir: &Path) -> (Region, PathBuf) {
-        let p = dir.join("r");
-        let r = Region::create(
-            &p,
-            Geometry::new(4096, 4),
-            7,
-            Access {
-                uid: None,
-                gid: None,
-                mode: 0o600,
-            },
-        )
-        .unwrap();
-        (r, p)
+    fn region() -> Region {
+        Region::create("strata-test-region", Geometry::new(4096, 4), 7).unwrap()
     }
 
     #[test]
     fn write_then_read_and_detect_corruption() {
-        let d = tempfile::tempdir().unwrap();
-        let (r, p) = region(d.path());
+        let r = region();
         let data = b"hello chunk".to_vec();
         assert!(r.write_slot(2, 0, &data));
         let v = EntryValue {
@@ -660,7 +715,7 @@ mod tests {
         let i = (name_hash("a/b") % r.geometry().index_entries as u64) as u32;
         r.set_entry(i, &v);
         assert!(r.entry_is(i, Some(&v)));
-        let rd = Reader::open(&p).unwrap();
+        let rd = Reader::from_fd(r.share().unwrap()).unwrap();
         assert_eq!(rd.generation(), 7);
         let mut buf = Vec::new();
         assert_eq!(rd.lookup_into("a/b", &mut buf, true).unwrap(), Some(3));
@@ -682,7 +737,10 @@ mod tests {
         r.set_entry(i, &v);
         // scribble on the header: new readers refuse it
         r.map.write(20, b"\x01");
-        assert!(matches!(Reader::open(&p), Err(CacheError::Corrupted(_))));
+        assert!(matches!(
+            Reader::from_fd(r.share().unwrap()),
+            Err(CacheError::Corrupted(_))
+        ));
         assert!(!r.header_ok());
         r.write_header();
         assert!(r.header_ok());
@@ -692,5 +750,56 @@ mod tests {
             rd.lookup_into("a/b", &mut buf, false),
             Err(CacheError::Retired)
         ));
+    }
+
+    #[test]
+    fn a_lent_region_cannot_be_resized_written_or_punched() {
+        use rustix::fs::{fallocate, ftruncate, FallocateFlags};
+        use std::os::unix::fs::FileExt;
+        let r = region();
+        let f = File::from(r.share().unwrap());
+        let size = r.geometry().file_size();
+        assert!(ftruncate(&f, 0).is_err(), "shrink");
+        assert!(ftruncate(&f, size * 2).is_err(), "grow");
+        assert!(f.write_at(b"x", 100).is_err(), "write");
+        let punch = FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE;
+        assert!(fallocate(&f, punch, 0, size).is_err(), "punch");
+        assert!(Mapping::read_write(&f).is_err(), "writable mapping");
+        assert!(Mapping::read_only(&f).is_ok());
+        assert_eq!(f.metadata().unwrap().len(), size);
+        // the daemon still writes through its own mapping
+        assert!(r.write_slot(0, 0, b"still mine"));
+    }
+
+    #[test]
+    fn lease_buffers_copy_in_and_out_by_syscall() {
+        let r = region();
+        let b = LeaseBuffer::create("strata-test-lease", 4096).unwrap();
+        let m = map_lease_buffer(b.share().unwrap(), 4096).unwrap();
+        assert!(m.write(0, b"from the holder"));
+        r.slot_from_buffer(1, &b, 15).unwrap();
+        let mut out = Vec::new();
+        assert!(r.read_slot(1, 15, &mut out));
+        assert_eq!(out, b"from the holder");
+        // a holder punching holes in its buffer only zeroes its own bytes
+        use rustix::fs::{fallocate, FallocateFlags};
+        let f = File::from(b.share().unwrap());
+        fallocate(
+            &f,
+            FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
+            0,
+            4096,
+        )
+        .unwrap();
+        assert!(rustix::fs::ftruncate(&f, 0).is_err(), "sealed size");
+        r.slot_from_buffer(1, &b, 15).unwrap();
+        assert!(r.read_slot(1, 15, &mut out));
+        assert_eq!(out, [0u8; 15]);
+        assert!(r.write_slot(2, 0, b"published"));
+        r.slot_to_buffer(2, 9, &b).unwrap();
+        let mut got = [0u8; 9];
+        assert!(m.read(0, &mut got));
+        assert_eq!(&got, b"published");
+        assert!(r.slot_from_buffer(1, &b, 8192).is_err());
     }
 }

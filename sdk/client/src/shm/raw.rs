@@ -1,4 +1,4 @@
-//! The only unsafe code of the shared-memory chunk cache: mapping the region file and
+//! The only unsafe code of the shared-memory chunk cache: mapping a region (or lease buffer) and
 //! reading/writing it through raw pointers.
 //!
 //! Why it is sound enough to rely on:
@@ -13,17 +13,16 @@
 //!   copy that raced with a writer is thrown away. The fences that order the copy against
 //!   the sequence loads are in `super`; on x86-64 (TSO) they compile to nothing but keep
 //!   the compiler from moving the copies.
-//! - The only `&mut [u8]` into shared memory is a [`LeaseWindow`]: the slot a client holds
-//!   the write lease for. The daemon hands a slot to one lease at a time and does not read
-//!   it until stop_write, and the window is borrowed mutably through `&mut self`, so while
-//!   the slice lives nothing else in this process touches those bytes. (Another process
-//!   with write access scribbling on it cannot make this process misbehave beyond
-//!   publishing the scribbled bytes, which the checksum taken at stop_write then covers.)
-//!   The daemon keeps the slot of a lease it takes back (timeout) out of use until the
-//!   holder's connection closes. What it cannot see: a process that closed its connection
-//!   but kept a `WriteLease` and writes on; if that process is later granted the same slot
-//!   through another connection, two windows alias. The client library never does this;
-//!   a program that keeps leases past its `Client` is outside this argument.
+//! - The only `&mut [u8]` into shared memory is a [`LeaseWindow`]: a lease buffer, a memfd
+//!   the daemon lent to this connection alone (no other client has it; the daemon only
+//!   copies it with `pread`/`pwrite` at grant and stop_write). The daemon gives a buffer
+//!   back to the same connection for a later lease only after the client ended the
+//!   previous one (stop/abort), when the client library has consumed its `WriteLease`; a
+//!   lease taken back by timeout keeps its buffer out of use until the connection closes.
+//!   The window is borrowed mutably through `&mut self`, so while the slice lives nothing
+//!   else in this process touches those bytes.
+//! - Mappings are made only of memfds sealed against shrinking (checked before mapping),
+//!   so no other process can make an access here fault.
 
 use std::fs::File;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -36,7 +35,7 @@ enum Map {
     Rw(memmap2::MmapMut),
 }
 
-/// A mapping of (part of) a region file.
+/// A mapping of a region or a lease buffer (memfds).
 pub struct Mapping {
     map: Map,
     ptr: *mut u8,
@@ -165,6 +164,81 @@ impl Mapping {
         Some(crc32c::crc32c(s))
     }
 
+    /// Fill `len` bytes at `off` of this (read-write) mapping from `file` at `at`, with
+    /// `pread`: the kernel copies, so a file that is short or has holes gives an error or
+    /// zeroes, never a fault in this process.
+    pub fn pread_into(&self, off: usize, len: usize, file: &File, at: u64) -> std::io::Result<()> {
+        use std::os::fd::AsRawFd;
+        if !matches!(self.map, Map::Rw(_)) || !self.range_ok(off, len) {
+            return Err(std::io::Error::other("outside the writable mapping"));
+        }
+        let mut done = 0;
+        while done < len {
+            let pos = libc::off_t::try_from(at + done as u64)
+                .map_err(|_| std::io::Error::other("offset too large"))?;
+            // SAFETY: the destination range is inside our own writable mapping (checked
+            // above); the kernel writes into it like any other process sharing it would,
+            // and no Rust reference to those bytes exists. The region's pages cannot
+            // vanish under the copy: it is allocated in full and sealed against shrinking
+            // and hole punching (a failed copy would be EFAULT, not a signal).
+            let n = unsafe {
+                libc::pread(
+                    file.as_raw_fd(),
+                    self.ptr.add(off + done).cast(),
+                    len - done,
+                    pos,
+                )
+            };
+            if n < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            if n == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+            done += n as usize;
+        }
+        Ok(())
+    }
+
+    /// Write `len` bytes at `off` of this mapping into `file` at `at`, with `pwrite`.
+    pub fn pwrite_from(&self, off: usize, len: usize, file: &File, at: u64) -> std::io::Result<()> {
+        use std::os::fd::AsRawFd;
+        if !self.range_ok(off, len) {
+            return Err(std::io::Error::other("outside the mapping"));
+        }
+        let mut done = 0;
+        while done < len {
+            let pos = libc::off_t::try_from(at + done as u64)
+                .map_err(|_| std::io::Error::other("offset too large"))?;
+            // SAFETY: the source range is inside our mapping (checked above); the kernel
+            // only reads it.
+            let n = unsafe {
+                libc::pwrite(
+                    file.as_raw_fd(),
+                    self.ptr.add(off + done).cast_const().cast(),
+                    len - done,
+                    pos,
+                )
+            };
+            if n < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            if n == 0 {
+                return Err(std::io::ErrorKind::WriteZero.into());
+            }
+            done += n as usize;
+        }
+        Ok(())
+    }
+
     /// The write lease holder's window on `len` bytes at `off` of a read-write mapping.
     pub fn lease_window(map: &Arc<Mapping>, off: usize, len: usize) -> Option<LeaseWindow> {
         if !matches!(map.map, Map::Rw(_)) || !map.range_ok(off, len) {
@@ -175,20 +249,6 @@ impl Mapping {
             off,
             len,
         })
-    }
-}
-
-/// Give `file` `len` bytes of real storage now (on tmpfs: memory), so that a full /dev/shm
-/// is an error at creation instead of a SIGBUS on first touch.
-pub fn allocate(file: &File, len: u64) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
-    let len = libc::off_t::try_from(len).map_err(|_| std::io::Error::other("region too large"))?;
-    // SAFETY: a plain system call on a file descriptor we own, with no pointers.
-    let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, len) };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::from_raw_os_error(rc))
     }
 }
 
