@@ -97,7 +97,10 @@ fn field<'a>(text: &'a str, key: &str) -> &'a str {
 }
 
 fn region_files(d: &Daemon) -> usize {
-    std::fs::read_dir(&d.shm)
+    // regions are memfds held by the daemon (no file under /dev/shm): count its
+    // descriptors of region memfds (lease buffers are named `.lease.`)
+    let fds = std::fs::read_dir(format!("/proc/{}/fd", d.pid())).unwrap();
+    let planted = std::fs::read_dir(&d.shm)
         .unwrap()
         .filter(|e| {
             e.as_ref()
@@ -106,6 +109,11 @@ fn region_files(d: &Daemon) -> usize {
                 .to_string_lossy()
                 .starts_with("strata.")
         })
+        .count();
+    assert_eq!(planted, 0, "nothing is made under shm_dir");
+    fds.filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .map(|l| l.to_string_lossy().into_owned())
+        .filter(|l| l.starts_with("/memfd:strata.") && !l.contains(".lease."))
         .count()
 }
 

@@ -174,6 +174,10 @@ fn hostile_load_leaves_root_fast_and_memory_bounded() {
     let place = attacker(&d, "place", 600, secs, "rdv");
     let big = attacker(&d, "big", 16, secs, "");
     big_pid.store(big.id(), Ordering::Relaxed);
+    // the callers first: with one uid's connections capped, whoever connects first holds
+    // them, and the table should show placement calls served under the flood, not only
+    // refused (which they are, all of them, when the idle connections come first)
+    std::thread::sleep(Duration::from_millis(1000));
     let slow = attacker(&d, "slow", 1000, secs, "");
     let idle = [
         attacker(&d, "idle", 10_000, secs, ""),
