@@ -350,3 +350,72 @@ fn odd_frames_are_refused_and_the_daemon_serves_on() {
     assert!(!log.contains("panicked"), "{log}");
     assert!(log.lines().count() < 60, "{log}");
 }
+
+#[test]
+fn a_failing_policy_costs_a_few_log_lines_however_many_file_operations() {
+    need_root();
+    assert!(
+        strata_runtime::fs::fuse_available(),
+        "PREREQUISITE MISSING: /dev/fuse"
+    );
+    use std::os::unix::fs::PermissionsExt;
+    use strata_client::dm::Region;
+    use strata_client::session::DmSession;
+    let d = Daemon::start();
+    let m = d.mount("flood", &[], |b| {
+        std::fs::write(b.join("managed"), b"local data").unwrap();
+        std::fs::set_permissions(b.join("managed"), std::fs::Permissions::from_mode(0o644))
+            .unwrap();
+    });
+    let comp = strata_tests::component("hsm-age-policy");
+    d.ok(&[
+        "plugin",
+        "load",
+        "hsm",
+        comp.to_str().unwrap(),
+        "--kind",
+        "dm-policy",
+    ]);
+    let mut s = DmSession::create(d.socket(), b"setup").unwrap();
+    let h = s.path_to_handle(m.mnt.join("managed")).unwrap();
+    s.set_region(
+        0,
+        &h,
+        &[Region {
+            offset: 0,
+            size: 0,
+            flags: 1,
+        }],
+    )
+    .unwrap();
+    s.destroy().unwrap();
+    d.ok(&[
+        "dm",
+        "attach",
+        "hsm",
+        m.mnt.to_str().unwrap(),
+        "--events",
+        "read",
+    ]);
+    // the policy's slot goes away (unloaded, or not restored after an upgrade): every
+    // event of the attachment now fails in the plugin host
+    d.ok(&["plugin", "unload", "hsm"]);
+    let before = d.log().lines().count();
+    let file = m.mnt.join("managed");
+    let reads = as_nobody(move || {
+        (0..300)
+            .filter(|_| std::fs::read(&file).is_ok_and(|b| b == b"local data"))
+            .count()
+    });
+    assert_eq!(
+        reads, 300,
+        "the file is served (no opinion: the read goes on)"
+    );
+    let lines = d.log().lines().count() - before;
+    assert!(
+        lines < 40,
+        "300 reads by uid {NOBODY} wrote {lines} daemon log lines:\n{}",
+        d.log()
+    );
+    assert!(d.log().contains("on-event"), "{}", d.log());
+}
