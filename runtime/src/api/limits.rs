@@ -7,6 +7,7 @@
 //!                ▼
 //!  frame header ─► payload limit of the op ─► Limits::reserve(uid, bytes) ─► read payload
 //!                                                 │ Budget (held until the reply is sent)
+//!  read / wait ─► Limits::reserve(uid, slot size) ─► serve ─► reply sent ─► given back
 //!  place / rebalance ─► Limits::plugin_call(uid) ─► blocking pool
 //!                                                 │ PluginPermit (held while the call runs)
 //! ```
@@ -57,7 +58,7 @@ pub enum Refusal {
         setting: &'static str,
     },
     /// The byte budget did not free up in time.
-    #[error("uid {uid} has too many request bytes in flight (limits.max_inflight_bytes_per_uid / max_inflight_bytes); retry later")]
+    #[error("uid {uid} has too many request or reply bytes in flight (limits.max_inflight_bytes_per_uid / max_inflight_bytes); retry later")]
     Busy {
         /// The peer's uid.
         uid: u32,

@@ -882,6 +882,8 @@ async fn serve_requests(
     let budget_uid = uid.unwrap_or(u32::MAX - 1);
     let write_timeout = Duration::from_millis(limits.config().body_timeout_ms);
     loop {
+        // bytes of the reply being sent (a chunk), given back once it is sent
+        let mut reply_budgets: Option<Budget> = None;
         let (req, payload, _budget) =
             match next_request(daemon, limits, s, budget_uid, caller.client).await {
                 Incoming::Frame(req, payload, budget) => (req, payload, budget),
@@ -921,10 +923,26 @@ async fn serve_requests(
                     }
                 }
             }
-            Request::Space(req) => match serve_space(daemon, s, caller, req, payload).await {
-                Some(x) => x,
-                None => return,
-            },
+            Request::Space(req) => {
+                // a chunk the reply will carry counts against the byte budget until it is
+                // sent, like a request's payload
+                let want = daemon.spaces.max_reply(&req);
+                let deadline = Instant::now() + write_timeout;
+                let reserved = tokio::select! {
+                    r = limits.reserve(budget_uid, want, deadline) => r,
+                    _ = closed(s) => return,
+                };
+                match reserved {
+                    Ok(reply_budget) => match serve_space(daemon, s, caller, req, payload).await {
+                        Some((reply, data)) => {
+                            reply_budgets = Some(reply_budget);
+                            (reply, data)
+                        }
+                        None => return,
+                    },
+                    Err(r) => (limit_err(&r), vec![]),
+                }
+            }
             // in memory and cheap: answered here, never queued behind the blocking pool
             Request::Status => (daemon.handle(Request::Status, payload, uid), vec![]),
             // plugin calls take a turn (bounded in all and per uid), then a blocking thread
@@ -961,7 +979,7 @@ async fn serve_requests(
             match written {
                 Ok(()) => true,
                 Err(e) if e.kind() == std::io::ErrorKind::Other => {
-                    tracing::error!("cannot encode a reply: {e}");
+                    log_limited!(FRAME_LOG, error, "cannot encode a reply: {e}");
                     let r = err(
                         "internal",
                         Fault::Host,
@@ -976,6 +994,7 @@ async fn serve_requests(
         let sent = tokio::time::timeout(write_timeout, send)
             .await
             .unwrap_or(false);
+        drop(reply_budgets);
         if !sent {
             return;
         }

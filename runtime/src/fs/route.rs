@@ -40,20 +40,25 @@ pub struct WasmPolicy {
     pub slot: String,
 }
 
+/// A policy's failing calls (a slot gone, a trap, a deadline) are logged rate-limited.
+static EVENT_LOG: crate::ratelimit::LogLimit =
+    crate::ratelimit::LogLimit::new(5, std::time::Duration::from_secs(1));
+
 impl Policy for WasmPolicy {
     fn on_event(&self, event: &wit::Event, backend: Arc<dyn DmBackend>) -> wit::Response {
         match self.host.on_event(&self.slot, event, Some(backend)) {
             Ok(s) => s.value,
             Err(e) => {
-                // the slot is gone: no opinion, the operation goes on
-                tracing::error!(slot = %self.slot, "on-event: {e}");
+                // the slot is gone: no opinion, the operation goes on (every file
+                // operation of any user may end here: a few lines a second)
+                crate::log_limited!(EVENT_LOG, error, slot = %self.slot, "on-event: {e}");
                 wit::Response::DontCare
             }
         }
     }
     fn on_notify(&self, event: &wit::Event, backend: Arc<dyn DmBackend>) {
         if let Err(e) = self.host.on_notify(&self.slot, event, Some(backend)) {
-            tracing::error!(slot = %self.slot, "on-notify: {e}");
+            crate::log_limited!(EVENT_LOG, error, slot = %self.slot, "on-notify: {e}");
         }
     }
 }

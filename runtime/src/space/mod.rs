@@ -47,6 +47,12 @@ pub enum Woken {
     Fail(Reason),
 }
 
+/// Lines a user can cause per request (repair, spawn): rate-limited.
+static REPAIR_LOG: crate::ratelimit::LogLimit =
+    crate::ratelimit::LogLimit::new(5, std::time::Duration::from_secs(1));
+static SPAWN_LOG: crate::ratelimit::LogLimit =
+    crate::ratelimit::LogLimit::new(5, std::time::Duration::from_secs(1));
+
 /// What is left to do when a parked request wakes.
 #[derive(Debug)]
 pub enum Then {
@@ -825,6 +831,23 @@ impl Spaces {
         }
     }
 
+    /// The largest data a request's reply may carry: a chunk for `read` and `wait` (the
+    /// space's slot size; nothing for a space this host does not know, which fails), nothing
+    /// for the rest. Reserved from the caller's byte budget before the request is served,
+    /// so that replies a client does not read (or waits a write wakes all at once) cost at
+    /// most the budget.
+    pub fn max_reply(&self, req: &SpaceRequest) -> u64 {
+        match req {
+            SpaceRequest::Read { space, .. } | SpaceRequest::Wait { space, .. } => self
+                .lock()
+                .core
+                .space_meta(space)
+                .map(|m| m.slot_size)
+                .unwrap_or(0),
+            _ => 0,
+        }
+    }
+
     /// A parked request's connection closed, or a connection ended: reclaim its leases.
     pub fn disconnect(&self, client: u64) {
         let mut g = self.lock();
@@ -1172,7 +1195,8 @@ impl Spaces {
             ));
         }
         notes.push(format!("index rebuilt with {live} cached chunk(s)"));
-        tracing::info!(%space, uid = c.uid, report = %notes.join("; "), "chunk cache repaired");
+        // any writer may repair in a loop: a few lines a second, not one per request
+        crate::log_limited!(REPAIR_LOG, warn, %space, uid = c.uid, report = %notes.join("; "), "chunk cache repaired");
         Ok(SpaceReply::RepairOk {
             report: notes.join("; "),
         })
@@ -1244,7 +1268,8 @@ impl Spaces {
         };
         match self.spawner.start(&job) {
             Ok(pid) => {
-                tracing::info!(%space, program, pid, uid = c.uid, "spawned");
+                // every start is in the uid's spawn log; the daemon's log gets a few a second
+                crate::log_limited!(SPAWN_LOG, info, %space, program, pid, uid = c.uid, "spawned");
                 SpaceReply::SpawnOk { pid }
             }
             Err(e) => SpaceReply::SpawnFail {

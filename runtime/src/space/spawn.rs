@@ -460,7 +460,9 @@ impl Reaper {
                     if let Ok(Some(status)) = e.child.try_wait() {
                         e.exited = true;
                         e.pidfd = None;
-                        tracing::info!(pid = e.child.id(), uid = e.uid, %status, "spawned program ended");
+                        let line = format!("# stratad: pid {} ended: {status}\n", e.child.id());
+                        self.logs.write(e.uid, line.as_bytes());
+                        crate::log_limited!(ENDED_LOG, info, pid = e.child.id(), uid = e.uid, %status, "spawned program ended");
                     }
                 }
             }
@@ -475,6 +477,11 @@ impl Reaper {
         }
     }
 }
+
+/// A user may start programs in a loop: their ends cost a few lines a second in the
+/// daemon's log (each is in the uid's spawn log).
+static ENDED_LOG: crate::ratelimit::LogLimit =
+    crate::ratelimit::LogLimit::new(5, std::time::Duration::from_secs(1));
 
 fn pollfd(fd: i32) -> libc::pollfd {
     libc::pollfd {

@@ -111,12 +111,31 @@ pub fn decode_header<T: for<'de> Deserialize<'de>>(h: &[u8]) -> Result<T, FrameE
 /// buffer as it comes.
 const FIRST_ALLOC: usize = 64 << 10;
 
+/// Make room in `v` (which will hold `len` bytes, all read into it so far): its size
+/// doubles as bytes arrive but never goes past `len` (a growing `Vec` would reach up to
+/// twice the payload, twice what the daemon's byte budget counts). Each byte is zeroed once.
+fn room(v: &mut Vec<u8>, len: usize) {
+    let have = v.len();
+    if have == v.capacity() {
+        v.reserve_exact((len - have).min(have.max(FIRST_ALLOC)));
+    }
+    v.resize(v.capacity().min(len), 0);
+}
+
 /// Read exactly `len` bytes (blocking) into a buffer that grows as they arrive.
 pub fn read_bytes(r: &mut impl Read, len: usize) -> std::io::Result<Vec<u8>> {
     let mut v = Vec::with_capacity(len.min(FIRST_ALLOC));
-    r.take(len as u64).read_to_end(&mut v)?;
-    if v.len() != len {
-        return Err(std::io::ErrorKind::UnexpectedEof.into());
+    let mut filled = 0;
+    while filled < len {
+        if filled == v.len() {
+            room(&mut v, len);
+        }
+        match r.read(&mut v[filled..]) {
+            Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
     }
     Ok(v)
 }
@@ -146,9 +165,17 @@ pub async fn read_bytes_async(
 ) -> std::io::Result<Vec<u8>> {
     use tokio::io::AsyncReadExt;
     let mut v = Vec::with_capacity(len.min(FIRST_ALLOC));
-    (&mut *r).take(len as u64).read_to_end(&mut v).await?;
-    if v.len() != len {
-        return Err(std::io::ErrorKind::UnexpectedEof.into());
+    let mut filled = 0;
+    while filled < len {
+        if filled == v.len() {
+            room(&mut v, len);
+        }
+        match r.read(&mut v[filled..]).await {
+            Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
     }
     Ok(v)
 }
@@ -222,4 +249,50 @@ pub async fn write_frame_async<T: Serialize>(
     w.write_all(&head(header, payload.len())?).await?;
     w.write_all(payload).await?;
     w.flush().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A reader that hands out at most 1000 bytes per read (like a socket).
+    struct Trickle<'a>(&'a [u8]);
+    impl Read for Trickle<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            let n = buf.len().min(self.0.len()).min(1000);
+            buf[..n].copy_from_slice(&self.0[..n]);
+            self.0 = &self.0[n..];
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn a_payload_buffer_never_grows_past_the_payload() {
+        for len in [0, 1, 999, FIRST_ALLOC, FIRST_ALLOC + 1, (5 << 20) + 1] {
+            let data: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+            let v = read_bytes(&mut Trickle(&data), len).unwrap();
+            assert_eq!(v, data);
+            assert!(
+                v.capacity() <= len.max(FIRST_ALLOC.min(len)) + 64,
+                "{len} bytes in a buffer of {}",
+                v.capacity()
+            );
+        }
+        // a peer that stops short is an error, and costs what it sent
+        let err = read_bytes(&mut Trickle(&[1; 10]), 1 << 20).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::UnexpectedEof);
+    }
+
+    #[cfg(feature = "tokio")]
+    #[test]
+    fn the_async_reader_grows_the_same_way() {
+        let len = (3 << 20) + 7;
+        let data: Vec<u8> = (0..len).map(|i| (i % 13) as u8).collect();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let v = rt.block_on(read_bytes_async(&mut &data[..], len)).unwrap();
+        assert_eq!(v, data);
+        assert!(v.capacity() <= len + 64, "{}", v.capacity());
+    }
 }
