@@ -38,6 +38,10 @@ pub fn prepare_data_dir(data_dir: &Path) -> anyhow::Result<()> {
         .mode(0o700)
         .create(data_dir)
         .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", data_dir.display()))?;
+    // a data_dir that is a symbolic link (e.g. /var/lib/strata -> /srv/strata) is checked
+    // and tightened where it leads
+    let data_dir = &std::fs::canonicalize(data_dir)
+        .map_err(|e| anyhow::anyhow!("cannot resolve {}: {e}", data_dir.display()))?;
     let me = rustix::process::geteuid().as_raw();
     let meta = std::fs::metadata(data_dir)?;
     anyhow::ensure!(
@@ -433,5 +437,30 @@ impl Store {
             }
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_data_dir_behind_a_symlink_is_tightened_where_it_leads() {
+        let t = tempfile::tempdir().unwrap();
+        let real = t.path().join("real");
+        std::fs::create_dir(&real).unwrap();
+        std::fs::set_permissions(&real, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::write(real.join("meta.redb"), b"x").unwrap();
+        std::fs::set_permissions(
+            real.join("meta.redb"),
+            std::fs::Permissions::from_mode(0o644),
+        )
+        .unwrap();
+        let link = t.path().join("link");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        prepare_data_dir(&link).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().mode() & 0o7777;
+        assert_eq!(mode(&real), 0o700);
+        assert_eq!(mode(&real.join("meta.redb")), 0o600);
     }
 }
