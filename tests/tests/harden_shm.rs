@@ -448,6 +448,28 @@ fn create_is_refused_when_its_region_cannot_be_made() {
         slots: Some(4),
         ..SpaceOptions::default()
     };
+    // a join whose region cannot be made fails too, and leaves the space unjoined
+    set(&soft);
+    c.create("rejoin", small.clone()).unwrap();
+    let HostsStatus::Ok(hosts) = c.hosts("rejoin").unwrap() else {
+        panic!("no hosts")
+    };
+    let host = hosts[0].clone();
+    assert_eq!(c.unjoin("rejoin").unwrap(), UnjoinStatus::Ok);
+    let open = std::fs::read_dir(format!("/proc/{}/fd", d.pid()))
+        .unwrap()
+        .count();
+    // below what is open: no new descriptor (the retired region's may close meanwhile)
+    set(&(open - 2).to_string());
+    match c.join("rejoin", &host).unwrap() {
+        JoinStatus::Fail(r) => assert!(r.message.contains("cache region"), "{r:?}"),
+        other => panic!("a join without a region: {other:?}"),
+    }
+    assert_eq!(c.hosts("rejoin").unwrap(), HostsStatus::NoExist);
+    set(&soft);
+    assert_eq!(c.join("rejoin", &host).unwrap(), JoinStatus::Ok);
+    write_ok(&mut c, "rejoin", "k", b"joined");
+    set(&limit.to_string());
     let mut refused = None;
     for i in 0..64 {
         let name = format!("many{i}");

@@ -574,15 +574,32 @@ impl Spaces {
                 let mut g = self.lock();
                 let before = g.core.space_record(&space).cloned();
                 match g.core.join(c, &space, &host) {
-                    Ok(fx) => match self.persist_then_apply(&mut g, fx) {
-                        Ok(()) => none(R::JoinOk),
-                        Err(reason) => {
-                            if let Some(old) = before {
-                                g.core.undo_join(old);
+                    Ok(fx) => {
+                        // the region first, as for create: a join whose region cannot be
+                        // made fails and leaves the space as it was
+                        let (regions, rest): (Vec<Effect>, Vec<Effect>) = fx
+                            .into_iter()
+                            .partition(|e| matches!(e, Effect::CreateRegion(_)));
+                        let mut made = Ok(());
+                        for e in regions {
+                            if let Effect::CreateRegion(meta) = e {
+                                made = made.and_then(|()| self.create_region(&mut g, &meta));
                             }
-                            none(R::JoinFail { reason })
                         }
-                    },
+                        match made.and_then(|()| self.persist_then_apply(&mut g, rest)) {
+                            Ok(()) => none(R::JoinOk),
+                            Err(reason) => {
+                                if let Some(region) = g.regions.remove(&space) {
+                                    region.remove();
+                                }
+                                if let Some(old) = before {
+                                    g.core.undo_join(old);
+                                }
+                                tracing::warn!(%space, "join failed: {}", reason.message);
+                                none(R::JoinFail { reason })
+                            }
+                        }
+                    }
                     Err(JoinError::Exists) => none(R::JoinExists),
                     Err(JoinError::Fail(reason)) => none(R::JoinFail { reason }),
                 }
