@@ -470,6 +470,22 @@ struct Space {
 }
 
 impl Space {
+    /// What the space is charged to its owner: region bytes (while joined), stored bytes
+    /// of its chunks, chunk records.
+    fn usage(&self) -> (u64, u64, u64) {
+        let shm = if self.meta.joined {
+            self.meta.geometry().file_size()
+        } else {
+            0
+        };
+        let durable = self
+            .chunks
+            .values()
+            .map(|c| stored_bytes(&c.meta, self.meta.volatile))
+            .sum();
+        (shm, durable, self.chunks.len() as u64)
+    }
+
     fn new(meta: SpaceMeta) -> Space {
         let geo = meta.geometry();
         Space {
@@ -569,17 +585,7 @@ impl Core {
         let mut per: HashMap<u32, Usage> = HashMap::new();
         let mut total = Usage::default();
         for s in self.spaces.values() {
-            let shm = if s.meta.joined {
-                s.meta.geometry().file_size()
-            } else {
-                0
-            };
-            let durable: u64 = s
-                .chunks
-                .values()
-                .map(|c| stored_bytes(&c.meta, s.meta.volatile))
-                .sum();
-            let n = s.chunks.len() as u64;
+            let (shm, durable, n) = s.usage();
             for u in [per.entry(s.meta.uid).or_default(), &mut total] {
                 u.change(1, shm as i128, durable as i128, n as i128);
             }
@@ -672,12 +678,14 @@ impl Core {
     /// made): nothing else refers to it yet.
     pub fn forget_created(&mut self, space: &str) {
         if let Some(s) = self.spaces.remove(space) {
-            let shm = if s.meta.joined {
-                s.meta.geometry().file_size()
-            } else {
-                0
-            };
-            self.charge(s.meta.uid, -1, -(shm as i128), 0, -(s.chunks.len() as i128));
+            let (shm, durable, n) = s.usage();
+            self.charge(
+                s.meta.uid,
+                -1,
+                -(shm as i128),
+                -(durable as i128),
+                -(n as i128),
+            );
         }
     }
 
@@ -727,36 +735,12 @@ impl Core {
         // a volatile space's chunks are gone: new versions start above every one that
         // may have been handed out before
         s.floor = s.meta.versions_reserved;
-        let shm = if s.meta.joined {
-            s.meta.geometry().file_size()
-        } else {
-            0
-        };
-        let durable: u64 = s
-            .chunks
-            .values()
-            .map(|c| stored_bytes(&c.meta, s.meta.volatile))
-            .sum();
-        let (uid, n) = (s.meta.uid, s.chunks.len());
+        let (shm, durable, n) = s.usage();
+        let uid = s.meta.uid;
         if let Some(old) = self.spaces.insert(s.meta.name.clone(), s) {
             // restored twice: the first one's charge goes
-            let shm = if old.meta.joined {
-                old.meta.geometry().file_size()
-            } else {
-                0
-            };
-            let d: u64 = old
-                .chunks
-                .values()
-                .map(|c| stored_bytes(&c.meta, old.meta.volatile))
-                .sum();
-            self.charge(
-                old.meta.uid,
-                -1,
-                -(shm as i128),
-                -(d as i128),
-                -(old.chunks.len() as i128),
-            );
+            let (shm, d, n) = old.usage();
+            self.charge(old.meta.uid, -1, -(shm as i128), -(d as i128), -(n as i128));
         }
         self.charge(uid, 1, shm as i128, durable as i128, n as i128);
         fx

@@ -242,10 +242,17 @@ impl Client {
         if !ops::is_idle_close(&reply) {
             return Ok((reply, data));
         }
+        self.reconnect()?;
+        Ok(exchange(&mut self.s, &mut self.r, header, payload)?)
+    }
+
+    /// Connect again after the daemon closed the connection for idleness (it held no
+    /// lease: nothing of the connection's is lost).
+    fn reconnect(&mut self) -> Result<(), ClientError> {
         let fresh = Client::connect(&self.socket)?;
         self.s = fresh.s;
         self.r = fresh.r;
-        Ok(exchange(&mut self.s, &mut self.r, header, payload)?)
+        Ok(())
     }
 
     fn space(
@@ -268,9 +275,7 @@ impl Client {
         let (mut reply, mut data, mut fds) = self.exchange_fds(&env)?;
         if ops::is_idle_close(&reply) {
             // closed for idleness before the request was read: connect again, send again
-            let fresh = Client::connect(&self.socket)?;
-            self.s = fresh.s;
-            self.r = fresh.r;
+            self.reconnect()?;
             (reply, data, fds) = self.exchange_fds(&env)?;
         }
         Ok((ops::space_reply(reply)?, data, fds))

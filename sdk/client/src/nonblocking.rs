@@ -64,16 +64,23 @@ impl AsyncClient {
             exchange_async(&mut self.s, &env, payload).await?;
         if ops::is_idle_close(&reply) {
             // closed for idleness before the request was read: connect again, send again
-            let path = self.socket.clone();
-            self.s = UnixStream::connect(&path)
-                .await
-                .map_err(|source| ClientError::Connect {
-                    path: path.display().to_string(),
-                    source,
-                })?;
+            self.reconnect().await?;
             (reply, data) = exchange_async(&mut self.s, &env, payload).await?;
         }
         Ok((ops::space_reply(reply)?, data))
+    }
+
+    /// Connect again after the daemon closed the connection for idleness (it held no
+    /// lease: nothing of the connection's is lost).
+    async fn reconnect(&mut self) -> Result<(), ClientError> {
+        self.s =
+            UnixStream::connect(&self.socket)
+                .await
+                .map_err(|source| ClientError::Connect {
+                    path: self.socket.display().to_string(),
+                    source,
+                })?;
+        Ok(())
     }
 
     /// A space request whose reply may carry descriptors (see the blocking client).
@@ -85,13 +92,7 @@ impl AsyncClient {
         let (mut reply, mut data, mut fds) = self.exchange_fds(&env).await?;
         if ops::is_idle_close(&reply) {
             // closed for idleness before the request was read: connect again, send again
-            let path = self.socket.clone();
-            self.s = UnixStream::connect(&path)
-                .await
-                .map_err(|source| ClientError::Connect {
-                    path: path.display().to_string(),
-                    source,
-                })?;
+            self.reconnect().await?;
             (reply, data, fds) = self.exchange_fds(&env).await?;
         }
         Ok((ops::space_reply(reply)?, data, fds))
