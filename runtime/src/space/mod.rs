@@ -382,7 +382,11 @@ impl Spaces {
             .lease_client(grant.lease)
             .ok_or_else(|| fail(ReasonKind::NoLease, format!("lease {} ended", grant.lease)))?;
         let spare = g.spare.entry(client).or_default();
-        let lent = match spare.iter().position(|l| l.buf.size() == size) {
+        let fits = |l: &Lent| l.buf.size() == size;
+        // one the client already holds first: no new memory, no new descriptor
+        let reuse =
+            (spare.iter().position(|l| fits(l) && l.sent)).or_else(|| spare.iter().position(fits));
+        let lent = match reuse {
             Some(i) => spare.swap_remove(i),
             None => {
                 let id = g.next_buffer;
@@ -412,7 +416,11 @@ impl Spaces {
     fn give_back(&self, g: &mut Inner, lease: u64) {
         if let Some(l) = g.leased.remove(&lease) {
             let spare = g.spare.entry(l.client).or_default();
-            if spare.len() < self.cfg.spare_lease_buffers {
+            // a buffer whose descriptor the connection got stays alive as long as the
+            // client keeps it, whatever the daemon does: keep it for reuse (dropping it
+            // freed nothing and let each round of leases make new ones); the cap is for
+            // buffers never lent
+            if l.sent || spare.len() < self.cfg.spare_lease_buffers {
                 spare.push(l);
             }
         }
