@@ -172,36 +172,21 @@ impl Mapping {
         if !matches!(self.map, Map::Rw(_)) || !self.range_ok(off, len) {
             return Err(std::io::Error::other("outside the writable mapping"));
         }
-        let mut done = 0;
-        while done < len {
-            let pos = libc::off_t::try_from(at + done as u64)
-                .map_err(|_| std::io::Error::other("offset too large"))?;
+        all_of(len, at, std::io::ErrorKind::UnexpectedEof, |done, pos| {
             // SAFETY: the destination range is inside our own writable mapping (checked
             // above); the kernel writes into it like any other process sharing it would,
             // and no Rust reference to those bytes exists. The region's pages cannot
             // vanish under the copy: it is allocated in full and sealed against shrinking
             // and hole punching (a failed copy would be EFAULT, not a signal).
-            let n = unsafe {
+            unsafe {
                 libc::pread(
                     file.as_raw_fd(),
                     self.ptr.add(off + done).cast(),
                     len - done,
                     pos,
                 )
-            };
-            if n < 0 {
-                let e = std::io::Error::last_os_error();
-                if e.kind() == std::io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(e);
             }
-            if n == 0 {
-                return Err(std::io::ErrorKind::UnexpectedEof.into());
-            }
-            done += n as usize;
-        }
-        Ok(())
+        })
     }
 
     /// Write `len` bytes at `off` of this mapping into `file` at `at`, with `pwrite`.
@@ -210,33 +195,18 @@ impl Mapping {
         if !self.range_ok(off, len) {
             return Err(std::io::Error::other("outside the mapping"));
         }
-        let mut done = 0;
-        while done < len {
-            let pos = libc::off_t::try_from(at + done as u64)
-                .map_err(|_| std::io::Error::other("offset too large"))?;
+        all_of(len, at, std::io::ErrorKind::WriteZero, |done, pos| {
             // SAFETY: the source range is inside our mapping (checked above); the kernel
             // only reads it.
-            let n = unsafe {
+            unsafe {
                 libc::pwrite(
                     file.as_raw_fd(),
                     self.ptr.add(off + done).cast_const().cast(),
                     len - done,
                     pos,
                 )
-            };
-            if n < 0 {
-                let e = std::io::Error::last_os_error();
-                if e.kind() == std::io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(e);
             }
-            if n == 0 {
-                return Err(std::io::ErrorKind::WriteZero.into());
-            }
-            done += n as usize;
-        }
-        Ok(())
+        })
     }
 
     /// The write lease holder's window on `len` bytes at `off` of a read-write mapping.
@@ -268,4 +238,32 @@ impl LeaseWindow {
         // this borrow by `&mut self` (module comment).
         unsafe { std::slice::from_raw_parts_mut(self.map.ptr.add(self.off), self.len) }
     }
+}
+
+/// Run `step(done, file offset)` (one pread or pwrite of the rest) until `len` bytes are
+/// moved: EINTR is retried, 0 bytes is `zero`.
+fn all_of(
+    len: usize,
+    at: u64,
+    zero: std::io::ErrorKind,
+    mut step: impl FnMut(usize, libc::off_t) -> isize,
+) -> std::io::Result<()> {
+    let mut done = 0;
+    while done < len {
+        let pos = libc::off_t::try_from(at + done as u64)
+            .map_err(|_| std::io::Error::other("offset too large"))?;
+        let n = step(done, pos);
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if n == 0 {
+            return Err(zero.into());
+        }
+        done += n as usize;
+    }
+    Ok(())
 }
