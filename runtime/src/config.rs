@@ -36,10 +36,11 @@
 //! # the per-uid ones, the host limits hold for everyone (docs/spaces.md, "Quotas")
 //! spaces_per_uid = 64                 # spaces (joined or not) one uid may own
 //! shm_bytes_per_uid = 1073741824      # bytes of cache regions of one uid's joined spaces
+//!                                     # and of lease buffers its connections hold
 //! durable_bytes_per_uid = 1073741824  # bytes of valid durable chunks in one uid's spaces
 //! chunks_per_uid = 100000             # chunk records (valid or not) in one uid's spaces
 //! max_spaces = 4096                   # spaces on this host
-//! max_shm_bytes = 8589934592          # bytes of cache regions on this host (default: half
+//! max_shm_bytes = 8589934592          # bytes of regions and lease buffers on this host (default: half
 //!                                     # of the shm_dir filesystem, at least 1 GiB)
 //! spare_lease_buffers = 8             # lease buffers a connection keeps for its next leases
 //!
@@ -183,7 +184,8 @@ pub struct SpaceConfig {
     pub spawn_log_max_bytes: u64,
     /// Spaces one uid may own (root and the daemon's uid are exempt).
     pub spaces_per_uid: u64,
-    /// Bytes of cache regions (/dev/shm) of one uid's joined spaces.
+    /// Bytes of shared memory of one uid: cache regions of its joined spaces and lease
+    /// buffers its connections hold.
     pub shm_bytes_per_uid: u64,
     /// Bytes of valid durable chunks in one uid's spaces.
     pub durable_bytes_per_uid: u64,

@@ -89,6 +89,173 @@ fn try_everything(what: &str, fd: OwnedFd) {
     #[allow(unsafe_code)]
     let mapped = unsafe { memmap2::MmapOptions::new().map_mut(&f) };
     report("map-writable", mapped.is_ok());
+    let again = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&f));
+    let reopened = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(again);
+    report("reopen-writable", reopened.is_ok());
+}
+
+/// Bytes of memory a lent descriptor's memfd holds.
+fn held(fd: &OwnedFd) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let f = std::fs::File::from(fd.try_clone().unwrap());
+    f.metadata().unwrap().blocks() * 512
+}
+
+/// Run as uid 65534 by `retired_regions_and_lease_buffers_hold_no_memory_for_a_client`:
+/// keep every descriptor the daemon lends while it retires what they point to.
+#[test]
+fn hoard_helper() {
+    let Some(sock) = std::env::var_os("STRATA_SHM_HOARD") else {
+        return; // only meaningful as the child of the hoard test
+    };
+    let mut c = Client::connect(&sock).unwrap();
+    let opts = SpaceOptions {
+        slot_size: Some(1 << 20),
+        slots: Some(8),
+        ..SpaceOptions::default()
+    };
+    assert_eq!(c.create("hoard", opts).unwrap(), CreateStatus::Ok);
+    let HostsStatus::Ok(hosts) = c.hosts("hoard").unwrap() else {
+        panic!("hosts")
+    };
+    let mut s = UnixStream::connect(&sock).unwrap();
+    let cache = serde_json::json!({"op":"space","call":"cache","space":"hoard"});
+    // an unjoin/join loop, keeping each round's region
+    let mut regions = Vec::new();
+    for _ in 0..20 {
+        let (v, mut fds) = raw_call(&mut s, cache.clone(), b"");
+        assert_eq!(fds.len(), 1, "cache: {v}");
+        let fd = fds.pop().unwrap();
+        assert!(held(&fd) >= 8 << 20, "a live region is allocated");
+        regions.push(fd);
+        assert_eq!(c.unjoin("hoard").unwrap(), UnjoinStatus::Ok);
+        assert_eq!(c.join("hoard", &hosts[0]).unwrap(), JoinStatus::Ok);
+    }
+    let kept: u64 = regions.iter().map(held).sum();
+    println!("REGIONS {} held {kept}", regions.len());
+    // a connect / start-write / disconnect loop, keeping each round's buffers
+    let mut buffers = Vec::new();
+    for round in 0..20 {
+        let mut s = UnixStream::connect(&sock).unwrap();
+        for i in 0..4 {
+            let (v, fds) = raw_call(
+                &mut s,
+                serde_json::json!({"op":"space","call":"start-write","space":"hoard",
+                    "chunk":format!("c{round}.{i}"),"wait":false,"keep":false}),
+                b"",
+            );
+            assert_eq!(fds.len(), 1, "start-write: {v}");
+            buffers.extend(fds);
+        }
+        drop(s);
+    }
+    // the daemon lets go of a closed connection's buffers soon after it closes
+    let until = Instant::now() + Duration::from_secs(10);
+    let mut kept: u64 = buffers.iter().map(held).sum();
+    while kept > 0 && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(50));
+        kept = buffers.iter().map(held).sum();
+    }
+    println!("BUFFERS {} held {kept}", buffers.len());
+    println!("HOARD DONE");
+}
+
+#[test]
+fn retired_regions_and_lease_buffers_hold_no_memory_for_a_client() {
+    need_root();
+    let mut d = Daemon::start();
+    let o = as_nobody(
+        "hoard_helper",
+        &[("STRATA_SHM_HOARD", d.socket().display().to_string())],
+    );
+    let out = text(&o);
+    eprintln!("{out}");
+    assert!(out.contains("HOARD DONE"), "{out}");
+    // before: each retired region kept its 8 MiB alive through the client's descriptor
+    // (the quota counted only the live one), and each closed connection's buffers too
+    assert!(out.contains("REGIONS 20 held 0\n"), "{out}");
+    assert!(out.contains("BUFFERS 80 held 0\n"), "{out}");
+    assert!(d.stop());
+}
+
+/// Run as uid 65534 by `lease_buffers_count_against_the_shm_quota`.
+#[test]
+fn buffer_quota_helper() {
+    let Some(sock) = std::env::var_os("STRATA_SHM_BUFQUOTA") else {
+        return; // only meaningful as the child of the quota test
+    };
+    let mut c = Client::connect(&sock).unwrap();
+    let opts = SpaceOptions {
+        slot_size: Some(1 << 20),
+        slots: Some(4),
+        ..SpaceOptions::default()
+    };
+    assert_eq!(c.create("q", opts).unwrap(), CreateStatus::Ok);
+    let mut s = UnixStream::connect(&sock).unwrap();
+    for i in 0..4 {
+        let (v, _fds) = raw_call(
+            &mut s,
+            serde_json::json!({"op":"space","call":"start-write","space":"q",
+                "chunk":format!("c{i}"),"wait":false,"keep":false}),
+            b"",
+        );
+        println!("LEASE {i} {v}");
+    }
+    // the refused lease left the others working
+    let mut s2 = UnixStream::connect(&sock).unwrap();
+    drop(s);
+    std::thread::sleep(Duration::from_millis(300));
+    let (v, _fds) = raw_call(
+        &mut s2,
+        serde_json::json!({"op":"space","call":"start-write","space":"q",
+            "chunk":"after","wait":false,"keep":false}),
+        b"",
+    );
+    println!("AFTER {v}");
+}
+
+#[test]
+fn lease_buffers_count_against_the_shm_quota() {
+    need_root();
+    // a region of 4 slots of 1 MiB (and its header and index) plus two 1 MiB buffers
+    let region = strata_client::shm::Geometry::new(1 << 20, 4).file_size();
+    let quota = region + (2 << 20);
+    let mut d = Daemon::start_with(&format!("[spaces]\nshm_bytes_per_uid = {quota}\n"));
+    let o = as_nobody(
+        "buffer_quota_helper",
+        &[("STRATA_SHM_BUFQUOTA", d.socket().display().to_string())],
+    );
+    let out = text(&o);
+    eprintln!("{out}");
+    let line = |p: &str| {
+        out.lines()
+            .find(|l| l.contains(p))
+            .unwrap_or_else(|| panic!("no {p} in {out}"))
+            .to_string()
+    };
+    for i in 0..2 {
+        assert!(
+            line(&format!("LEASE {i} ")).contains("STARTWRITE_OK"),
+            "{out}"
+        );
+    }
+    for i in 2..4 {
+        let l = line(&format!("LEASE {i} "));
+        assert!(
+            l.contains("quota") && l.contains("shm_bytes_per_uid"),
+            "lease {i}: {l}"
+        );
+    }
+    // the closed connection's buffers were given back to the quota
+    assert!(line("AFTER ").contains("STARTWRITE_OK"), "{out}");
+    // root, exempt, is not refused
+    let mut root = client(&d);
+    root.create("r", SpaceOptions::default()).unwrap();
+    write_ok(&mut root, "r", "k", b"root");
+    assert!(d.stop());
 }
 
 /// Run as uid 65534 by `a_user_cannot_crash_the_daemon_through_shared_memory`: make a
@@ -176,7 +343,14 @@ fn a_user_cannot_crash_the_daemon_through_shared_memory() {
     );
     assert!(out.contains("ATTACK DONE"), "{out}");
     // the lent region can only be read
-    for op in ["shrink", "grow", "write", "punch", "map-writable"] {
+    for op in [
+        "shrink",
+        "grow",
+        "write",
+        "punch",
+        "map-writable",
+        "reopen-writable",
+    ] {
         assert!(
             out.contains(&format!("REGION {op} refused")),
             "REGION {op}: {out}"

@@ -840,10 +840,11 @@ fn op_name(req: &Request) -> String {
 async fn serve_conn(daemon: Arc<Daemon>, limits: Arc<Limits>, s: UnixStream, slot: ConnSlot) {
     let cred = s.peer_cred().ok();
     let uid = cred.as_ref().map(|c| c.uid());
+    // without credentials the caller gets "other" rights only
+    let peer = uid.unwrap_or(u32::MAX - 1);
     let caller = Caller {
-        client: daemon.spaces.connect(),
-        // without credentials the caller gets "other" rights only
-        uid: uid.unwrap_or(u32::MAX - 1),
+        client: daemon.spaces.connect(peer),
+        uid: peer,
         gid: cred.map(|c| c.gid()).unwrap_or(u32::MAX - 1),
     };
     let (r, mut w) = s.into_split();

@@ -137,7 +137,8 @@ pub struct Limits {
 pub struct Quotas {
     /// Spaces (joined or not) one uid may own.
     pub spaces_per_uid: u64,
-    /// Bytes of cache regions (/dev/shm) of the joined spaces one uid owns.
+    /// Bytes of shared memory of one uid: the cache regions of the joined spaces it owns
+    /// and the lease buffers its connections hold.
     pub shm_bytes_per_uid: u64,
     /// Bytes of valid durable chunks in the spaces one uid owns.
     pub durable_bytes_per_uid: u64,
@@ -145,7 +146,7 @@ pub struct Quotas {
     pub chunks_per_uid: u64,
     /// Spaces on this host, all owners together.
     pub max_spaces: u64,
-    /// Bytes of cache regions on this host, all owners together.
+    /// Bytes of cache regions and lease buffers on this host, all owners together.
     pub max_shm_bytes: u64,
     /// Owners free of the per-uid quotas (root and the daemon's own uid); the host limits
     /// hold for everyone.
@@ -514,6 +515,11 @@ pub struct Core {
     usage: HashMap<u32, Usage>,
     /// What the host uses (all owners).
     total: Usage,
+    /// Bytes of lease buffers (the shell's memfds) held by each connection's uid, charged
+    /// to the shared-memory quota with the regions.
+    buffers: HashMap<u32, u64>,
+    /// Bytes of lease buffers on the host.
+    buffers_total: u64,
 }
 
 fn reason(kind: ReasonKind, m: impl Into<String>) -> Reason {
@@ -556,6 +562,8 @@ impl Core {
             uses: 0,
             usage: HashMap::new(),
             total: Usage::default(),
+            buffers: HashMap::new(),
+            buffers_total: 0,
         }
     }
 
@@ -623,10 +631,37 @@ impl Core {
         self.limits.quotas.exempt.contains(&uid)
     }
 
-    /// Whether `uid` may take `shm` more bytes of regions (and `spaces` more spaces).
+    /// Bytes of lease buffers `uid`'s connections hold.
+    pub fn buffer_bytes(&self, uid: u32) -> u64 {
+        self.buffers.get(&uid).copied().unwrap_or(0)
+    }
+
+    /// A connection of `uid` needs a new lease buffer of `bytes`: charge it to the
+    /// shared-memory quota (with `uid`'s regions) or refuse it.
+    pub fn take_buffer(&mut self, uid: u32, bytes: u64) -> Result<(), Reason> {
+        self.check_space_quota(uid, 0, bytes)?;
+        *self.buffers.entry(uid).or_default() += bytes;
+        self.buffers_total = self.buffers_total.saturating_add(bytes);
+        Ok(())
+    }
+
+    /// A lease buffer of `uid` was freed.
+    pub fn drop_buffer(&mut self, uid: u32, bytes: u64) {
+        if let Some(b) = self.buffers.get_mut(&uid) {
+            *b = b.saturating_sub(bytes);
+            if *b == 0 {
+                self.buffers.remove(&uid);
+            }
+        }
+        self.buffers_total = self.buffers_total.saturating_sub(bytes);
+    }
+
+    /// Whether `uid` may take `shm` more bytes of regions or lease buffers (and `spaces`
+    /// more spaces).
     fn check_space_quota(&self, uid: u32, spaces: u64, shm: u64) -> Result<(), Reason> {
         let q = &self.limits.quotas;
-        let t = self.total;
+        let mut t = self.total;
+        t.shm_bytes = t.shm_bytes.saturating_add(self.buffers_total);
         if spaces > 0 && t.spaces.saturating_add(spaces) > q.max_spaces {
             return Err(over_quota(
                 "space",
@@ -650,7 +685,8 @@ impl Core {
         if self.exempt(uid) {
             return Ok(());
         }
-        let u = self.usage(uid);
+        let mut u = self.usage(uid);
+        u.shm_bytes = u.shm_bytes.saturating_add(self.buffer_bytes(uid));
         if spaces > 0 && u.spaces.saturating_add(spaces) > q.spaces_per_uid {
             return Err(over_quota(
                 "space",
@@ -2495,6 +2531,43 @@ mod tests {
             assert_eq!(per.get(uid).copied().unwrap_or_default(), *u, "uid {uid}");
         }
         assert_eq!(c.total_usage(), total);
+    }
+
+    #[test]
+    fn lease_buffers_share_the_shm_quota_with_regions() {
+        let region = Geometry::new(4096, 4).file_size();
+        let mut c = quota_core(Quotas {
+            shm_bytes_per_uid: region + 4096,
+            max_shm_bytes: 2 * region + 3 * 4096,
+            exempt: vec![0],
+            ..Quotas::unlimited()
+        });
+        c.create(&A, "a", false, None, None, None).unwrap();
+        c.take_buffer(1000, 4096).unwrap();
+        let r = c.take_buffer(1000, 4096).unwrap_err();
+        assert_eq!(r.kind, ReasonKind::Quota);
+        assert!(r.message.contains("shm_bytes_per_uid"), "{}", r.message);
+        assert_eq!(c.buffer_bytes(1000), 4096);
+        // the buffers count when a region is made, too
+        c.unjoin(&A, "a").unwrap();
+        c.take_buffer(1000, 4096).unwrap();
+        let r = c.join(&A, "a", "h1").map(|_| ()).unwrap_err();
+        assert!(format!("{r:?}").contains("shm_bytes_per_uid"), "{r:?}");
+        c.drop_buffer(1000, 4096);
+        c.join(&A, "a", "h1").unwrap();
+        c.drop_buffer(1000, 4096);
+        assert_eq!(c.buffer_bytes(1000), 0);
+        // the host limit holds for the exempt too, buffers included
+        let root = Caller {
+            client: 9,
+            uid: 0,
+            gid: 0,
+        };
+        c.create(&root, "r", false, None, None, None).unwrap();
+        c.take_buffer(0, 3 * 4096).unwrap();
+        let r = c.take_buffer(0, 4096).unwrap_err();
+        assert!(r.message.contains("max_shm_bytes"), "{}", r.message);
+        assert_counted(&c);
     }
 
     #[test]

@@ -90,12 +90,16 @@ struct Inner {
     spare: HashMap<ClientId, Vec<Lent>>,
     /// Descriptors to send with a connection's next reply.
     outbox: HashMap<ClientId, Vec<OwnedFd>>,
+    /// Each open connection's uid (its lease buffers are charged to it).
+    uids: HashMap<ClientId, u32>,
     next_buffer: u64,
 }
 
-/// A lease buffer lent to a connection.
+/// A lease buffer lent to a connection (charged to its uid's shared-memory quota until
+/// the daemon drops it; dropping it frees its memory whoever holds the descriptor).
 struct Lent {
     client: ClientId,
+    uid: u32,
     /// Its number on the wire (unique per daemon).
     id: u64,
     buf: Arc<LeaseBuffer>,
@@ -175,6 +179,7 @@ impl Spaces {
                 leased: HashMap::new(),
                 spare: HashMap::new(),
                 outbox: HashMap::new(),
+                uids: HashMap::new(),
                 next_buffer: 1,
             }),
             durable,
@@ -210,9 +215,18 @@ impl Spaces {
         &self.host
     }
 
-    /// A new connection's id.
-    pub fn connect(&self) -> u64 {
-        self.next_client.fetch_add(1, Ordering::Relaxed)
+    /// A new connection's id (`uid`: its peer's, charged for its lease buffers).
+    pub fn connect(&self, uid: u32) -> u64 {
+        let id = self.next_client.fetch_add(1, Ordering::Relaxed);
+        self.lock().uids.insert(id, uid);
+        id
+    }
+
+    /// Let go of lease buffers: their quota charge goes with them.
+    fn drop_lent(g: &mut Inner, lent: impl IntoIterator<Item = Lent>) {
+        for l in lent {
+            g.core.drop_buffer(l.uid, l.buf.size());
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -389,17 +403,26 @@ impl Spaces {
         let lent = match reuse {
             Some(i) => spare.swap_remove(i),
             None => {
+                let uid = g.uids.get(&client).copied().ok_or_else(|| {
+                    fail(ReasonKind::NoLease, format!("lease {} ended", grant.lease))
+                })?;
+                g.core.take_buffer(uid, size)?;
                 let id = g.next_buffer;
                 g.next_buffer += 1;
                 let name = format!("strata.{}.lease.{id}", self.instance);
-                let buf = LeaseBuffer::create(&name, size).map_err(|e| {
-                    fail(
-                        ReasonKind::NoSpace,
-                        format!("cannot make a lease buffer of {size} bytes: {e}"),
-                    )
-                })?;
+                let buf = match LeaseBuffer::create(&name, size) {
+                    Ok(b) => b,
+                    Err(e) => {
+                        g.core.drop_buffer(uid, size);
+                        return Err(fail(
+                            ReasonKind::NoSpace,
+                            format!("cannot make a lease buffer of {size} bytes: {e}"),
+                        ));
+                    }
+                };
                 Lent {
                     client,
+                    uid,
                     id,
                     buf: Arc::new(buf),
                     sent: false,
@@ -422,6 +445,8 @@ impl Spaces {
             // buffers never lent
             if l.sent || spare.len() < self.cfg.spare_lease_buffers {
                 spare.push(l);
+            } else {
+                Self::drop_lent(g, [l]);
             }
         }
     }
@@ -880,10 +905,18 @@ impl Spaces {
         self.apply(&mut g, fx);
         // wakers of that client are dropped with their receivers; forget the senders
         g.wakers.retain(|_, tx| !tx.is_closed());
-        // its lease buffers go (the client's mappings keep their memory until it unmaps)
-        g.leased.retain(|_, l| l.client != client);
-        g.spare.remove(&client);
+        // its lease buffers go, and their memory with them (what the client keeps mapped
+        // reads as zeros)
+        let leased: Vec<u64> = (g.leased.iter())
+            .filter(|(_, l)| l.client == client)
+            .map(|(k, _)| *k)
+            .collect();
+        let gone: Vec<Lent> = leased.iter().filter_map(|k| g.leased.remove(k)).collect();
+        Self::drop_lent(&mut g, gone);
+        let spare = g.spare.remove(&client).unwrap_or_default();
+        Self::drop_lent(&mut g, spare);
         g.outbox.remove(&client);
+        g.uids.remove(&client);
     }
 
     /// Time passed: expire waits, queued requests and leases.

@@ -289,6 +289,10 @@ impl Reader {
                 "region shorter than its header".into(),
             ));
         }
+        if h == [0u8; 64] {
+            // punched out: the daemon let go of it after lending it
+            return Err(CacheError::Retired);
+        }
         let (geo, generation) = decode_header(&h, map.len() as u64)?;
         let r = Reader {
             map,
@@ -311,7 +315,8 @@ impl Reader {
     fn check_live(&self) -> Result<(), CacheError> {
         match self.map.load_u64(STATE_OFF) {
             Some(LIVE) => Ok(()),
-            Some(RETIRED) => Err(CacheError::Retired),
+            // zero: the daemon let go of the region and freed its memory
+            Some(RETIRED) | Some(0) => Err(CacheError::Retired),
             _ => Err(CacheError::Corrupted("region state word".into())),
         }
     }
@@ -407,9 +412,17 @@ impl Reader {
 ///
 /// The region is a memfd the daemon owns: no path, nothing in /dev/shm for anyone to
 /// truncate, replace or plant a symlink at. Its size is fixed by seals (`F_SEAL_SHRINK`,
-/// `F_SEAL_GROW`) before the daemon maps it, and after the daemon's own writable mapping
-/// exists `F_SEAL_FUTURE_WRITE` makes every other mapping, `write` and hole punch fail, so
-/// a client holding the descriptor can only read it. `F_SEAL_SEAL` fixes the seals.
+/// `F_SEAL_GROW`, `F_SEAL_SEAL`) before the daemon maps it. Readers get a read-only open
+/// file of it (see [`Region::share`]): `write`, writable shared mappings and hole punches
+/// through it fail, and the memfd's mode (0600, the daemon's) keeps them from opening it
+/// again read-write through `/proc/<pid>/fd`.
+///
+/// When the daemon lets go of a region (the space was unjoined, removed or its region
+/// replaced) it punches out all of its memory, header included: a client that keeps the
+/// descriptor keeps no memory the daemon allocated (the memory a client faults in again
+/// by reading the holes is its own, charged to it as its own memfd would be). This is
+/// why the region is not sealed with `F_SEAL_FUTURE_WRITE`: that seal refuses the punch
+/// too, and retired regions kept alive by descriptors escaped every quota.
 pub struct Region {
     map: Mapping,
     geo: Geometry,
@@ -457,12 +470,11 @@ impl Region {
         size_and_seal(&file, geo.file_size())?;
         // nobody but the daemon may open it again through /proc/<pid>/fd
         fchmod(&file, Mode::from_raw_mode(0o600))?;
+        fcntl_add_seals(&file, SealFlags::SEAL)?;
         let map = Mapping::read_write(&file)?;
         if map.len() as u64 != geo.file_size() {
             return Err(std::io::Error::other("region mapping of the wrong size"));
         }
-        // from now on only this mapping can change the region
-        fcntl_add_seals(&file, SealFlags::FUTURE_WRITE | SealFlags::SEAL)?;
         let r = Region {
             map,
             geo,
@@ -487,9 +499,10 @@ impl Region {
         self.generation
     }
 
-    /// A descriptor of the region to lend to a reader (it can only map it read-only).
+    /// A descriptor of the region to lend to a reader: a new read-only open file of the
+    /// memfd (through `/proc/self/fd`), so the reader can only map it read-only.
     pub fn share(&self) -> std::io::Result<std::os::fd::OwnedFd> {
-        Ok(self.file.try_clone()?.into())
+        read_only_reopen(&self.file)
     }
 
     /// (Re)write the header and mark the region live.
@@ -632,10 +645,45 @@ impl Region {
     }
 
     /// Mark the region retired: readers that still map it stop using it and ask the daemon
-    /// for the current one (the memory goes when the last mapping does).
+    /// for the current one. Its memory is punched out when the daemon drops it.
     pub fn remove(&self) {
         self.map.store_u64(STATE_OFF, RETIRED, Ordering::Release);
     }
+}
+
+impl Drop for Region {
+    /// Free the region's memory even if clients still hold descriptors of it. Their reads
+    /// see zeros: a zero state word is "retired", a zero entry is a miss, and a reader in
+    /// the middle of a lookup sees its entry's sequence word change.
+    fn drop(&mut self) {
+        self.remove();
+        // (fails only with write seals, which regions never get)
+        let _ = punch_all(&self.file, self.geo.file_size());
+    }
+}
+
+/// Punch out every byte of `file` (its size stays): the memory goes back to the system.
+fn punch_all(file: &File, len: u64) -> std::io::Result<()> {
+    use rustix::fs::{fallocate, FallocateFlags};
+    fallocate(
+        file,
+        FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
+        0,
+        len,
+    )?;
+    Ok(())
+}
+
+/// A new read-only open file of `file` (a memfd of this process).
+fn read_only_reopen(file: &File) -> std::io::Result<std::os::fd::OwnedFd> {
+    use rustix::fs::{open, Mode, OFlags};
+    use std::os::fd::AsRawFd;
+    let path = format!("/proc/self/fd/{}", file.as_raw_fd());
+    Ok(open(
+        path.as_str(),
+        OFlags::RDONLY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?)
 }
 
 /// A lease's buffer: a memfd of the slot size lent to the lease holder (writable by it),
@@ -646,6 +694,14 @@ impl Region {
 pub struct LeaseBuffer {
     file: File,
     size: u64,
+}
+
+impl Drop for LeaseBuffer {
+    /// Free the buffer's memory even if its holder keeps the descriptor (what it faults in
+    /// again by touching the buffer is its own).
+    fn drop(&mut self) {
+        let _ = punch_all(&self.file, self.size);
+    }
 }
 
 impl LeaseBuffer {
@@ -766,9 +822,46 @@ mod tests {
         assert!(fallocate(&f, punch, 0, size).is_err(), "punch");
         assert!(Mapping::read_write(&f).is_err(), "writable mapping");
         assert!(Mapping::read_only(&f).is_ok());
+        // nor opened again for writing (as the daemon's own uid this would work: this
+        // checks the open file lent is read-only, the mode is checked by the e2e test)
+        let again = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&f));
+        let rw = std::fs::OpenOptions::new().read(true).open(&again).unwrap();
+        assert!(Mapping::read_write(&rw).is_err(), "reopened read-only");
         assert_eq!(f.metadata().unwrap().len(), size);
         // the daemon still writes through its own mapping
         assert!(r.write_slot(0, 0, b"still mine"));
+    }
+
+    /// Bytes of memory a memfd holds.
+    fn held(f: &File) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        f.metadata().unwrap().blocks() * 512
+    }
+
+    #[test]
+    fn a_dropped_region_or_buffer_holds_no_memory_through_a_lent_descriptor() {
+        let r = Region::create("strata-test-region", Geometry::new(64 << 10, 16), 3).unwrap();
+        let size = r.geometry().file_size();
+        let lent = File::from(r.share().unwrap());
+        let rd = Reader::from_fd(r.share().unwrap()).unwrap();
+        assert_eq!(held(&lent), size, "allocated when made");
+        drop(r);
+        assert_eq!(held(&lent), 0, "the daemon let go: nothing left");
+        assert_eq!(lent.metadata().unwrap().len(), size, "the size stays");
+        let mut buf = Vec::new();
+        assert!(matches!(
+            rd.lookup_into("a", &mut buf, true),
+            Err(CacheError::Retired)
+        ));
+        assert!(matches!(
+            Reader::from_fd(lent.try_clone().unwrap().into()),
+            Err(CacheError::Retired)
+        ));
+        let b = LeaseBuffer::create("strata-test-lease", 1 << 20).unwrap();
+        let lent = File::from(b.share().unwrap());
+        assert_eq!(held(&lent), 1 << 20);
+        drop(b);
+        assert_eq!(held(&lent), 0);
     }
 
     #[test]
