@@ -16,6 +16,8 @@
 //! max_hosts = 1024                    # most hosts a place/rebalance request may name
 //! max_rebalance_chunks = 100000       # most chunks a rebalance request may name
 //! max_name_bytes = 1024               # longest host id / space / chunk name in a request
+//! rollback_input_bytes = 65536        # timeouts / memory-cap failures of calls with larger
+//!                                     # inputs do not count towards automatic rollback
 //! wasi_deadline_ms = 2000             # deadline of WASI-importing (interpreted) plugins...
 //! wasi_min_deadline_ms = 1000         # ...whose slot deadline is below this minimum
 //! kv_flush_ms = 100                   # plugin kv state is committed at least this often
@@ -246,6 +248,12 @@ pub struct PluginConfig {
     pub max_rebalance_chunks: usize,
     /// Longest host id, space or chunk name a `place`/`rebalance` request may carry.
     pub max_name_bytes: usize,
+    /// A call whose input is larger than this (bytes of names and host entries: 1024 hosts
+    /// with 1 KiB ids are ~1 MiB) and that times out or hits the memory cap is answered by
+    /// the failure policy but does not count towards automatic rollback: any local user
+    /// may send a valid but huge `place` or `rebalance`, and a plugin is not at fault for
+    /// being slow on it.
+    pub rollback_input_bytes: u64,
     /// Deadline of components that import WASI (interpreted plugins such as componentize-py
     /// ones, whose calls take milliseconds) when their slot asks for less than
     /// `wasi_min_deadline_ms`.
@@ -272,6 +280,7 @@ impl Default for PluginConfig {
             max_hosts: 1024,
             max_rebalance_chunks: 100_000,
             max_name_bytes: 1024,
+            rollback_input_bytes: 64 << 10,
             wasi_deadline_ms: 2000,
             wasi_min_deadline_ms: 1000,
             kv_flush_ms: 100,

@@ -147,6 +147,57 @@ fn the_plugins_own_faults_still_roll_back_and_call_the_hook() {
 }
 
 #[test]
+fn timeouts_on_huge_valid_inputs_do_not_roll_back_root_s_plugin() {
+    // any local user may call `place` with up to max_hosts hosts of max_name_bytes ids:
+    // a plugin that is slow on such an input is not at fault
+    let cfg = HostConfig {
+        rollback_input_bytes: 1024,
+        ..HostConfig::default()
+    };
+    let h = PluginHost::new(cfg, MemKv::new()).unwrap();
+    let rolled = Arc::new(AtomicU64::new(0));
+    {
+        let rolled = rolled.clone();
+        h.on_rollback(Arc::new(move |_: &PluginHost, _: &str| {
+            rolled.fetch_add(1, Ordering::Relaxed);
+        }));
+    }
+    let mut s = SlotSettings::default();
+    s.rollback.min_calls = 10;
+    s.deadline_ms = 5;
+    h.load(
+        "p",
+        PluginKind::Placement,
+        &component("placement-echo"),
+        "echo",
+        s,
+    )
+    .unwrap();
+    let v2 = h
+        .swap("p", &component("faulty-loop"), "loop", None)
+        .unwrap()
+        .to;
+    let big = hosts(100); // ~2.6 KB of input
+    assert!(place_input_bytes(&chunk("c"), &big) > 1024);
+    for _ in 0..15 {
+        let r = h.place("p", &chunk("c"), 1, &big).unwrap();
+        assert_eq!(r.version, v2);
+        assert!(r.failure.is_some(), "answered by the failure policy");
+    }
+    let info = h.get("p").unwrap();
+    assert_eq!(info.current.id, v2, "not rolled back");
+    assert_eq!(rolled.load(Ordering::Relaxed), 0);
+    let st = &info.current.stats;
+    assert_eq!((st.timeouts, st.excused), (15, 15), "{st:?}");
+    // the same fault on ordinary inputs is the plugin's own: it rolls back
+    for _ in 0..12 {
+        let _ = h.place("p", &chunk("c"), 1, &hosts(3));
+    }
+    assert_ne!(h.get("p").unwrap().current.id, v2, "rolled back");
+    assert_eq!(rolled.load(Ordering::Relaxed), 1);
+}
+
+#[test]
 fn state_is_paged_and_large_values_are_split() {
     let kv = MemKv::new();
     let h = PluginHost::new(HostConfig::default(), kv.clone()).unwrap();

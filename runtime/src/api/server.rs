@@ -165,6 +165,7 @@ impl Daemon {
             max_hosts: p.max_hosts,
             max_rebalance_chunks: p.max_rebalance_chunks,
             max_name_bytes: p.max_name_bytes,
+            rollback_input_bytes: p.rollback_input_bytes,
             wasi_deadline_ms: p.wasi_deadline_ms,
             wasi_min_deadline_ms: p.wasi_min_deadline_ms,
             init_deadline_ms: p.init_deadline_ms,

@@ -256,8 +256,8 @@ fn print_slots(slots: &[SlotInfo]) {
         );
         let t = &s.total;
         println!(
-            "    calls {}  ok {}  traps {}  timeouts {}  memory {}  malformed {}  errors {}  policy {}  instances {}  mean {} ns  p99 < {} ns  max {} ns",
-            t.calls, t.ok, t.traps, t.timeouts, t.memory_limits, t.malformed, t.plugin_errors, t.policy_applied, t.instances, t.mean_ns, t.p99_ns_upper, t.max_ns
+            "    calls {}  ok {}  traps {}  timeouts {}  memory {}  (excused {})  malformed {}  errors {}  policy {}  instances {}  mean {} ns  p99 < {} ns  max {} ns",
+            t.calls, t.ok, t.traps, t.timeouts, t.memory_limits, t.excused, t.malformed, t.plugin_errors, t.policy_applied, t.instances, t.mean_ns, t.p99_ns_upper, t.max_ns
         );
         for h in &s.history {
             println!(

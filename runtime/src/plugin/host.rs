@@ -45,6 +45,9 @@ pub struct HostConfig {
     pub max_rebalance_chunks: usize,
     /// Longest host id, space or chunk name in a request, in bytes.
     pub max_name_bytes: usize,
+    /// Inputs larger than this (see [`input_bytes`]) excuse a timeout or memory-cap
+    /// failure from counting towards automatic rollback.
+    pub rollback_input_bytes: u64,
     /// Deadline given to components that import WASI (interpreted ones, e.g. componentize-py)
     /// when their slot's deadline is below `wasi_min_deadline_ms`.
     pub wasi_deadline_ms: u64,
@@ -69,6 +72,7 @@ impl Default for HostConfig {
             max_hosts: 1024,
             max_rebalance_chunks: 100_000,
             max_name_bytes: 1024,
+            rollback_input_bytes: 64 << 10,
             wasi_deadline_ms: 2000,
             wasi_min_deadline_ms: 1000,
             init_deadline_ms: 1000,
@@ -690,6 +694,7 @@ impl PluginHost {
         &self,
         slot: &Slot,
         dm: Option<(Arc<dyn DmBackend>, u64)>,
+        input: u64,
         f: impl FnOnce(
             &mut Store<HostState>,
             &Bound,
@@ -748,7 +753,11 @@ impl PluginHost {
             // Every failed call is answered by the hook's failure policy (see `failed`);
             // counted here, before a rollback may retire this version's counters.
             version.counters.policy_applied();
-            if *kind != FailureKind::PluginError {
+            let resources = matches!(kind, FailureKind::Timeout | FailureKind::MemoryLimit);
+            if resources && input > self.inner.cfg.rollback_input_bytes {
+                // a huge (valid) input, which any caller may send: not the plugin's fault
+                version.counters.excuse();
+            } else if *kind != FailureKind::PluginError {
                 self.maybe_rollback(slot, &version);
             }
         }
@@ -1118,7 +1127,8 @@ impl PluginHost {
                 hook: "place",
                 detail,
             })?;
-        let (version, r) = self.call(&s, None, |store, bound| {
+        let input = place_input_bytes(chunk, hosts);
+        let (version, r) = self.call(&s, None, input, |store, bound| {
             let Bound::Placement(b) = bound else {
                 unreachable!("slot kind checked at load")
             };
@@ -1155,7 +1165,8 @@ impl PluginHost {
                 hook: "rebalance",
                 detail,
             })?;
-        let (version, r) = self.call(&s, None, |store, bound| {
+        let input = rebalance_input_bytes(change);
+        let (version, r) = self.call(&s, None, input, |store, bound| {
             let Bound::Placement(b) = bound else {
                 unreachable!("slot kind checked at load")
             };
@@ -1292,7 +1303,7 @@ impl PluginHost {
     ) -> Result<Served<Response>, CallError> {
         let s = self.typed_slot(slot, PluginKind::DmPolicy)?;
         let dm = backend.map(|b| (b, event.token));
-        let (version, r) = self.call(&s, dm, |store, bound| {
+        let (version, r) = self.call(&s, dm, 0, |store, bound| {
             let Bound::Dm(b) = bound else {
                 unreachable!("slot kind checked at load")
             };
@@ -1328,7 +1339,7 @@ impl PluginHost {
     ) -> Result<Served<()>, CallError> {
         let s = self.typed_slot(slot, PluginKind::DmPolicy)?;
         let dm = backend.map(|b| (b, event.token));
-        let (version, r) = self.call(&s, dm, |store, bound| {
+        let (version, r) = self.call(&s, dm, 0, |store, bound| {
             let Bound::Dm(b) = bound else {
                 unreachable!("slot kind checked at load")
             };
@@ -1360,7 +1371,7 @@ impl PluginHost {
     ) -> Result<Served<Vec<ScanAction>>, CallError> {
         let s = self.typed_slot(slot, PluginKind::DmPolicy)?;
         let dm = backend.map(|b| (b, 0));
-        let (version, r) = self.call(&s, dm, |store, bound| {
+        let (version, r) = self.call(&s, dm, 0, |store, bound| {
             let Bound::Dm(b) = bound else {
                 unreachable!("slot kind checked at load")
             };
@@ -1462,6 +1473,34 @@ fn compile_pool_ready() -> bool {
             false
         }
     }
+}
+
+/// What a host entry costs on top of its id (free and capacity, the list's slot).
+const HOST_ENTRY_BYTES: u64 = 24;
+
+fn hosts_input_bytes(hosts: &[HostInfo]) -> u64 {
+    hosts
+        .iter()
+        .map(|h| h.id.len() as u64 + HOST_ENTRY_BYTES)
+        .sum()
+}
+
+/// The size of a `place` input: the bytes the plugin is given to look at.
+pub fn place_input_bytes(chunk: &ChunkRef, hosts: &[HostInfo]) -> u64 {
+    (chunk.space.len() + chunk.name.len()) as u64 + hosts_input_bytes(hosts)
+}
+
+/// The size of a `rebalance` input.
+pub fn rebalance_input_bytes(change: &MembershipChange) -> u64 {
+    hosts_input_bytes(&change.before)
+        + hosts_input_bytes(&change.after)
+        + (change.chunks.iter())
+            .map(|c| {
+                (c.chunk.space.len() + c.chunk.name.len()) as u64
+                    + 16
+                    + c.hosts.iter().map(|h| h.len() as u64 + 8).sum::<u64>()
+            })
+            .sum::<u64>()
 }
 
 fn validate_order(order: &[String], hosts: &[HostInfo]) -> Result<(), (FailureKind, String)> {

@@ -39,8 +39,9 @@ pub use bindings::{
 pub use cache::CacheOutcome;
 pub use error::{CallError, FailureKind, Fault, LoadError, SlotError};
 pub use host::{
-    builtin_place, builtin_rebalance, HostConfig, PluginHost, RollbackHook, Served, SlotInfo,
-    StateCursor, StatePage, StatePart, SwapReport, VersionInfo, WIT_VERSION,
+    builtin_place, builtin_rebalance, place_input_bytes, rebalance_input_bytes, HostConfig,
+    PluginHost, RollbackHook, Served, SlotInfo, StateCursor, StatePage, StatePart, SwapReport,
+    VersionInfo, WIT_VERSION,
 };
 pub use kv::{KvError, KvLimits, KvStore, MemKv, RedbKv, MAX_KEY};
 pub use settings::{errno_from_name, FailurePolicy, PluginKind, RollbackPolicy, SlotSettings};

@@ -16,6 +16,9 @@ pub(crate) struct Counters {
     memory_limits: AtomicU64,
     malformed: AtomicU64,
     plugin_errors: AtomicU64,
+    /// Timeouts and memory-cap failures on inputs over `rollback_input_bytes` (counted in
+    /// `calls` and their kind too, but not towards rollback).
+    excused: AtomicU64,
     policy_applied: AtomicU64,
     instances: AtomicU64,
     total_ns: AtomicU64,
@@ -42,6 +45,11 @@ impl Counters {
         c.fetch_add(1, Relaxed);
     }
 
+    /// The last recorded failure does not count towards rollback.
+    pub(crate) fn excuse(&self) {
+        self.excused.fetch_add(1, Relaxed);
+    }
+
     pub(crate) fn policy_applied(&self) {
         self.policy_applied.fetch_add(1, Relaxed);
     }
@@ -56,7 +64,11 @@ impl Counters {
             + self.timeouts.load(Relaxed)
             + self.memory_limits.load(Relaxed)
             + self.malformed.load(Relaxed);
-        (self.calls.load(Relaxed), failed)
+        let excused = self.excused.load(Relaxed);
+        (
+            self.calls.load(Relaxed).saturating_sub(excused),
+            failed.saturating_sub(excused),
+        )
     }
 
     pub(crate) fn snapshot(&self) -> Stats {
@@ -81,6 +93,7 @@ impl Counters {
             memory_limits: self.memory_limits.load(Relaxed),
             malformed: self.malformed.load(Relaxed),
             plugin_errors: self.plugin_errors.load(Relaxed),
+            excused: self.excused.load(Relaxed),
             policy_applied: self.policy_applied.load(Relaxed),
             instances: self.instances.load(Relaxed),
             mean_ns: self.total_ns.load(Relaxed).checked_div(calls).unwrap_or(0),
@@ -108,6 +121,10 @@ pub struct Stats {
     pub malformed: u64,
     /// Calls where the plugin returned its own error.
     pub plugin_errors: u64,
+    /// Timeouts and memory-cap failures on inputs over `plugins.rollback_input_bytes`
+    /// (also counted as timeouts / memory limits), which do not count towards rollback.
+    #[serde(default)]
+    pub excused: u64,
     /// Calls answered by the failure policy instead of the plugin.
     pub policy_applied: u64,
     /// Instances created (each trap discards one).
@@ -134,6 +151,7 @@ impl Stats {
             memory_limits: self.memory_limits + o.memory_limits,
             malformed: self.malformed + o.malformed,
             plugin_errors: self.plugin_errors + o.plugin_errors,
+            excused: self.excused + o.excused,
             policy_applied: self.policy_applied + o.policy_applied,
             instances: self.instances + o.instances,
             mean_ns: (self.mean_ns * self.calls + o.mean_ns * o.calls)

@@ -435,7 +435,8 @@ struct Lease {
     kind: LeaseKind,
     deadline: u64,
     committing: bool,
-    /// Bytes reserved against the owner's durable quota while committing.
+    /// Bytes reserved against the owner's durable quota: of a durable write while it commits,
+    /// of an invalidated chunk (still on disk) until its invalidate lease ends.
     pending: Option<u64>,
 }
 
@@ -1338,6 +1339,12 @@ impl Core {
         });
         ch.lease = Some(id);
         self.charge(owner, 0, 0, -(freed as i128), if new_chunk { 1 } else { 0 });
+        // an invalidated chunk's bytes stay on disk until its lease ends and the record
+        // is stored: they stay reserved against the owner's durable quota until then
+        let pending = (freed > 0).then_some(freed);
+        if freed > 0 {
+            self.reserve_pending(owner, freed);
+        }
         self.leases.insert(
             id,
             Lease {
@@ -1348,7 +1355,7 @@ impl Core {
                 kind,
                 deadline,
                 committing: false,
-                pending: None,
+                pending,
             },
         );
         Ok(Grant {
@@ -1596,6 +1603,9 @@ impl Core {
         let Some(l) = self.leases.remove(&lease) else {
             return 0;
         };
+        if let (Some(p), Some(owner)) = (l.pending, self.spaces.get(&l.space).map(|s| s.meta.uid)) {
+            self.release_pending(owner, p);
+        }
         let Some(s) = self.spaces.get_mut(&l.space) else {
             return 0;
         };
@@ -2674,6 +2684,42 @@ mod tests {
         uid: 1000,
         gid: 1000,
     };
+
+    #[test]
+    fn an_invalidate_lease_keeps_its_bytes_reserved_until_it_ends() {
+        let mut c = quota_core(Quotas {
+            durable_bytes_per_uid: 100,
+            ..Quotas::unlimited()
+        });
+        c.create(&A, "s", false, None, None, None).unwrap();
+        write(&mut c, &A, "x", 90).unwrap();
+        let (o, _) = c.start_lease(&A, "s", "x", LeaseKind::Invalidate, false, None);
+        let LeaseOutcome::Granted(g) = o else {
+            panic!("{o:?}")
+        };
+        // the chunk is invalid, its bytes still on disk: still charged
+        let u = c.usage(1000);
+        assert_eq!((u.durable_bytes, u.pending_bytes), (0, 90));
+        assert_counted(&c);
+        let r = write(&mut c, &OTHER_WRITER, "y", 20).unwrap_err();
+        assert!(r.message.contains("durable_bytes_per_uid"), "{}", r.message);
+        c.disconnect(OTHER_WRITER.client);
+        // the lease ends and its record is stored: the bytes are free
+        let (r, fx) = c.stop_invalidate(&A, g.lease);
+        r.unwrap();
+        assert!(fx.iter().any(|e| matches!(e, Effect::StoreChunk { .. })));
+        assert_eq!(c.usage(1000).pending_bytes, 0);
+        write(&mut c, &A, "y", 20).unwrap();
+        // a lease that ends with its connection, or with the space, lets go too
+        let (o, _) = c.start_lease(&A, "s", "y", LeaseKind::Invalidate, false, None);
+        assert!(matches!(o, LeaseOutcome::Granted(_)), "{o:?}");
+        assert_eq!(c.usage(1000).pending_bytes, 20);
+        c.disconnect(A.client);
+        assert_eq!(c.usage(1000).pending_bytes, 0);
+        let (o, _) = c.start_lease(&A, "s", "x2", LeaseKind::Write { keep: false }, false, None);
+        assert!(matches!(o, LeaseOutcome::Granted(_)), "{o:?}");
+        assert_counted(&c);
+    }
 
     #[test]
     fn volatile_versions_stay_above_the_reservation_after_a_restart() {
