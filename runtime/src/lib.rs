@@ -1,19 +1,25 @@
-//! Strata runtime: the `stratad` daemon, the `strata` CLI and the modules they share.
+//! Strata runtime: the `stratad` daemon (API server, space shell, config) and the `strata`
+//! CLI. The parts they are built from are crates of their own, re-exported here under the
+//! names the daemon uses:
 //!
 //! ```text
-//!  strata (CLI) ──┐                        ┌─► plugin::PluginHost ─► Wasm components
+//!  strata (CLI) ──┐                        ┌─► plugin (strata-plugin-host) ─► Wasm components
 //!  client libs ───┼─► Unix socket ─► api::server::Daemon
-//!                 │   (frames: JSON header │─► store::Store (redb: registry, plugin kv)
-//!                 │    + raw payload)      ├─► space::Spaces (core + shm regions + redb)
-//!  shm readers ◄── lent memfd regions ◄────┘   (later: dm, fuse, net, ...)
+//!                 │   (frames: strata-proto)├─► store (strata-common: redb, registry, kv)
+//!                 │                        ├─► space::Spaces (shell) ─► space::core (strata-space-core)
+//!                 │                        └─► fs, dm (strata-fs: FUSE, DM service) ─► dm::core (strata-dm-core)
+//!  shm readers ◄── lent memfd regions (strata-shm)
 //! ```
 #![warn(missing_docs)]
 
 pub mod api;
 pub mod config;
-pub mod dm;
-pub mod fs;
-pub mod plugin;
-pub mod ratelimit;
 pub mod space;
-pub mod store;
+
+pub use strata_common::{log_limited, ratelimit, store};
+pub use strata_fs::dm;
+pub use strata_plugin_host as plugin;
+/// Managed filesystems: [`strata_fs`].
+pub mod fs {
+    pub use strata_fs::*;
+}

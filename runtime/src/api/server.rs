@@ -4,13 +4,14 @@ use super::limits::{Budget, ConnSlot, Limits, Refusal};
 use super::{ApiError, FrameError, Reply, Request};
 use crate::config::Config;
 use crate::log_limited;
+use crate::plugin::records::{RecordedVersion, SlotRecord, SlotRecords};
 use crate::plugin::{
     CallError, Fault, HostConfig, LoadError, PluginHost, RedbKv, SlotError, SlotSettings,
 };
 use crate::ratelimit::LogLimit;
 use crate::space::core::Caller;
 use crate::space::{Spaces, Step};
-use crate::store::{RecordedVersion, SlotRecord, Store};
+use crate::store::Store;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use strata_client::frame::{decode_header, header_len, payload_len, read_bytes_async};

@@ -12,7 +12,8 @@
 //! at stop_write). The descriptors wait in a connection's outbox until its reply is sent
 //! ([`Spaces::take_fds`]).
 
-pub mod core;
+/// The sans-IO core: [`strata_space_core`].
+pub use strata_space_core as core;
 pub mod durable;
 pub mod spawn;
 

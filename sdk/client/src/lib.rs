@@ -3,23 +3,21 @@
 //!
 //! - [`Client`] is the blocking client;
 //! - `AsyncClient` (feature `tokio`, on by default) the async one;
-//! - [`proto`] holds requests, the seed's status codes, typed results.
-//! - [`shm`] is the cache's format, reader and (for the daemon) writer.
-//! - [`frame`] is the socket's framing; [`fdpass`] passes the cache's memfds over it.
+//! - [`proto`] holds requests, the seed's status codes, typed results (crate
+//!   `strata-proto`, with [`frame`], the socket's framing, and [`dm`], the DMAPI types);
+//! - [`shm`] is the cache's format and reader (crate `strata-shm`);
+//! - [`fdpass`] passes the cache's memfds over the socket.
 #![warn(missing_docs)]
-// The only unsafe code is `shm::raw` (mapping shared memory), which allows it.
-#![deny(unsafe_code)]
 
 pub mod blocking;
-pub mod dm;
 pub mod fdpass;
-pub mod frame;
 #[cfg(feature = "tokio")]
 pub mod nonblocking;
 mod ops;
-pub mod proto;
 pub mod session;
-pub mod shm;
+
+pub use strata_proto::{dm, frame, proto};
+pub use strata_shm as shm;
 
 pub use blocking::{Client, StartWriteStatus, WriteLease};
 #[cfg(feature = "tokio")]

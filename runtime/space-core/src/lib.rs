@@ -1,6 +1,6 @@
 //! The chunk-space state machine, free of I/O: callers, requests and time go in; decisions,
 //! replies and effects on the shared-memory index come out. The daemon's shell
-//! ([`super::Spaces`]) does the copying, the storing and the socket work, and applies the
+//! (`strata_runtime::space::Spaces`) does the copying, the storing and the socket work, and applies the
 //! [`Effect`]s in order while it holds the core. The multi-host layer (issue 5) drives the
 //! same core.
 //!
@@ -9,12 +9,14 @@
 //! the open-addressing index the clients probe, LRU eviction, leases with their FIFO queues
 //! and timeouts, and the parked waits.
 
+#![warn(missing_docs)]
+
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use strata_client::shm::{name_hash, EntryValue, Geometry};
-use strata_client::{
+use strata_proto::proto::{
     check_chunk_name, check_space_name, ChunkEntry, ChunkList, Reason, ReasonKind, CHUNK_PAGE,
 };
+use strata_shm::{name_hash, EntryValue, Geometry};
 
 /// Check a host id (config and requests): 1-255 bytes, printable, no whitespace or control
 /// characters, so that it can be logged and listed as is.

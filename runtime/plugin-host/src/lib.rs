@@ -20,17 +20,19 @@
 //! time (a `Store` is single-owner). Guest memory is scratch: a new instance may serve the
 //! next call, so durable plugin state belongs in the `kv` store, which survives swaps and
 //! restarts.
+#![warn(missing_docs)]
 
 mod bindings;
 mod cache;
 mod error;
 mod host;
 mod kv;
+pub mod records;
 mod settings;
 mod stats;
 mod wasi;
 
-pub(crate) use bindings::escape_controls;
+pub use bindings::escape_controls;
 pub use bindings::{
     Action, CancelEvent, ChunkMove, ChunkPlacement, ChunkRef, DataEvent, DestroyEvent, DmBackend,
     DmError, Event, EventData, EventType, Extent, ExtentType, FileStat, HostInfo, MembershipChange,

@@ -615,8 +615,8 @@ impl InvalidateStatus {
     }
 }
 
-/// Check a space name in a typed result.
-pub(crate) fn unexpected(reply: &SpaceReply) -> String {
+/// The message of a client's protocol error: a reply that does not answer the request.
+pub fn unexpected(reply: &SpaceReply) -> String {
     format!("unexpected answer {} to this request", reply.code())
 }
 

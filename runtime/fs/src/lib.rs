@@ -5,7 +5,10 @@
 //! (redb `dm_fs`), so handles, dispositions and event lists stay valid across remounts and
 //! daemon restarts. Mounts recorded as mounted come back when the daemon starts again.
 
+#![warn(missing_docs)]
+
 pub mod calls;
+pub mod dm;
 pub mod fuse;
 pub mod route;
 

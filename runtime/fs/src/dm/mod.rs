@@ -3,14 +3,15 @@
 //! [`core`] is the sans-IO state machine of sessions, events, tokens, rights and
 //! dispositions; [`handle`] the opaque, versioned handles (backed by the kernel's file
 //! handles of the backing filesystem); [`attrs`] what is kept per file; [`service`] the core
-//! behind the local API. The FUSE capture comes next (issue 4).
+//! behind the local API. The FUSE capture is the crate's root.
 
 pub mod attrs;
-pub mod core;
+/// The DM core: [`strata_dm_core`].
+pub use strata_dm_core as core;
 pub mod handle;
 pub mod service;
 
-pub use strata_client::dm::*;
+pub use strata_proto::dm::*;
 
 /// Tests that need root say so loudly instead of passing.
 #[cfg(test)]

@@ -80,6 +80,11 @@ impl Mapping {
         self.len
     }
 
+    /// Whether nothing is mapped (never, for a mapping this module made).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
     fn range_ok(&self, off: usize, len: usize) -> bool {
         off.checked_add(len).is_some_and(|end| end <= self.len)
     }
@@ -153,15 +158,31 @@ impl Mapping {
     }
 
     /// crc32c of `len` bytes at `off` (a racing writer gives a wrong crc, never UB).
+    ///
+    /// The bytes are copied out in pieces (`ptr::copy_nonoverlapping` into a stack buffer,
+    /// as every read here) and checksummed there: no Rust slice over the shared mapping is
+    /// ever made, so another thread or process writing the bytes meanwhile (the daemon's
+    /// own writers during a repair, any writer of a lease buffer) changes the result, which
+    /// is what the check is for, and nothing else.
     pub fn crc(&self, off: usize, len: usize) -> Option<u32> {
+        const PIECE: usize = 16 << 10;
         if !self.range_ok(off, len) {
             return None;
         }
-        // SAFETY: in bounds; the slice lives only for this call and the daemon calls this
-        // on slots that no other writer holds (stop_write, repair). A client scribbling on
-        // it concurrently changes the crc, which is what the check is for.
-        let s = unsafe { std::slice::from_raw_parts(self.ptr.add(off), len) };
-        Some(crc32c::crc32c(s))
+        let mut piece = [0u8; PIECE];
+        let mut crc = 0u32;
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(PIECE);
+            // SAFETY: `off + done .. off + done + n` is inside the mapping (range_ok above
+            // and n <= len - done); the destination is this stack buffer.
+            unsafe {
+                std::ptr::copy_nonoverlapping(self.ptr.add(off + done), piece.as_mut_ptr(), n)
+            };
+            crc = crc32c::crc32c_append(crc, &piece[..n]);
+            done += n;
+        }
+        Some(crc)
     }
 
     /// Fill `len` bytes at `off` of this (read-write) mapping from `file` at `at`, with

@@ -122,12 +122,12 @@ pub struct Dm {
     max_sessions: usize,
     inner: Mutex<Inner>,
     epoch: Instant,
-    db: Arc<crate::store::Db>,
+    db: Arc<strata_common::store::Db>,
 }
 
 impl Dm {
     /// The DM service, with the sessions recorded in `db`.
-    pub fn open(cfg: &DmConfig, db: Arc<crate::store::Db>) -> anyhow::Result<Dm> {
+    pub fn open(cfg: &DmConfig, db: Arc<strata_common::store::Db>) -> anyhow::Result<Dm> {
         let mut core = Core::new(cfg.event_timeout_ms, cfg.timeout_errno);
         let w = db.begin_write()?;
         w.open_table(SESSIONS)?;

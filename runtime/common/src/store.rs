@@ -1,5 +1,6 @@
-//! Persistent metadata (redb): the plugin registry, plugin blobs and, through
-//! [`crate::plugin::RedbKv`], the plugins' key-value state.
+//! Persistent metadata (redb): the database every subsystem shares, plugin blobs, the
+//! data directory's permissions. The plugin registry's records are in
+//! `strata_plugin_host::records`, the plugins' key-value state in `strata_plugin_host::RedbKv`.
 //!
 //! ```text
 //! data_dir/meta.redb            tables: plugin_slots (name -> JSON SlotRecord),
@@ -20,9 +21,6 @@
 //! daemon serves again by itself once space comes back; until then writes fail with the
 //! I/O error and nothing is acknowledged.
 
-use crate::plugin::{PluginKind, SlotSettings};
-use redb::ReadableTable;
-use serde::{Deserialize, Serialize};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -89,35 +87,6 @@ pub fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         .open(path)?;
     f.write_all(bytes)?;
     Ok(())
-}
-
-const SLOTS: redb::TableDefinition<&str, &[u8]> = redb::TableDefinition::new("plugin_slots");
-
-/// What the daemon remembers of a plugin slot, to load it again after a restart.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct SlotRecord {
-    /// World of the slot.
-    pub kind: PluginKind,
-    /// sha256 of the current version's component.
-    pub digest: String,
-    /// Where the current version came from.
-    pub source: String,
-    /// Settings in force.
-    pub settings: SlotSettings,
-    /// Earlier versions kept for rollback, oldest first.
-    #[serde(default)]
-    pub history: Vec<RecordedVersion>,
-}
-
-/// An earlier version of a slot, as recorded.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct RecordedVersion {
-    /// sha256 of its component.
-    pub digest: String,
-    /// Where it came from.
-    pub source: String,
-    /// The settings it ran with.
-    pub settings: SlotSettings,
 }
 
 /// After a failed commit or reopen, the next reopen waits this long (a reopen after a
@@ -338,9 +307,6 @@ impl Store {
             .mode(0o600)
             .open(data_dir.join("meta.redb"))?;
         let db = Db::open(&data_dir.join("meta.redb"))?;
-        let w = db.begin_write()?;
-        w.open_table(SLOTS)?;
-        w.commit()?;
         Ok(Store {
             db: Arc::new(db),
             blobs: data_dir.join("plugins"),
@@ -358,29 +324,9 @@ impl Store {
         self.blob_lock.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Remove the component files no slot record names any more (after an unload, or when a
-    /// version falls out of a slot's history); how many were removed.
-    pub fn remove_unreferenced_blobs(&self) -> anyhow::Result<usize> {
-        let _g = self.blob_guard();
-        let mut keep = std::collections::BTreeSet::new();
-        for (_, rec) in self.slots()? {
-            keep.insert(rec.digest.clone());
-            keep.extend(rec.history.iter().map(|v| v.digest.clone()));
-        }
-        let mut removed = 0;
-        for entry in std::fs::read_dir(&self.blobs)? {
-            let entry = entry?;
-            let name = entry.file_name();
-            let Some(name) = name.to_str() else { continue };
-            let Some(digest) = name.strip_suffix(".wasm") else {
-                continue;
-            };
-            if digest.len() == 64 && !keep.contains(digest) {
-                std::fs::remove_file(entry.path())?;
-                removed += 1;
-            }
-        }
-        Ok(removed)
+    /// The directory of component blobs (`<sha256>.wasm`).
+    pub fn blob_dir(&self) -> &Path {
+        &self.blobs
     }
 
     /// Keep a component's bytes (content-addressed, written atomically).
@@ -403,40 +349,6 @@ impl Store {
             "bad digest"
         );
         Ok(std::fs::read(self.blobs.join(format!("{digest}.wasm")))?)
-    }
-
-    /// Record (or replace) a slot.
-    pub fn put_slot(&self, name: &str, rec: &SlotRecord) -> anyhow::Result<()> {
-        let w = self.db.begin_write()?;
-        w.open_table(SLOTS)?
-            .insert(name, serde_json::to_vec(rec)?.as_slice())?;
-        w.commit()?;
-        Ok(())
-    }
-
-    /// Forget a slot.
-    pub fn remove_slot(&self, name: &str) -> anyhow::Result<()> {
-        let w = self.db.begin_write()?;
-        w.open_table(SLOTS)?.remove(name)?;
-        w.commit()?;
-        Ok(())
-    }
-
-    /// Every recorded slot (records that do not parse are reported and skipped).
-    pub fn slots(&self) -> anyhow::Result<Vec<(String, SlotRecord)>> {
-        let r = self.db.begin_read()?;
-        let t = r.open_table(SLOTS)?;
-        let mut out = Vec::new();
-        for item in t.iter()? {
-            let (k, v) = item?;
-            match serde_json::from_slice::<SlotRecord>(v.value()) {
-                Ok(rec) => out.push((k.value().to_string(), rec)),
-                Err(e) => {
-                    tracing::error!(slot = k.value(), "unreadable plugin registry record: {e}")
-                }
-            }
-        }
-        Ok(out)
     }
 }
 

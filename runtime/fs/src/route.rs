@@ -13,13 +13,13 @@ use crate::dm::attrs::flags as region_flags;
 use crate::dm::handle::Handle;
 use crate::dm::service::DmStep;
 use crate::dm::{self as dm, DmReply, DmRequest, EventSet, EventType, SessionId, Token};
-use crate::plugin::{self as wit, DmBackend, PluginHost};
 use redb::ReadableTable;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use strata_plugin_host::{self as wit, DmBackend, PluginHost};
 
 const ATTACHMENTS: redb::TableDefinition<&str, &[u8]> =
     redb::TableDefinition::new("dm_attachments");
@@ -41,8 +41,8 @@ pub struct WasmPolicy {
 }
 
 /// A policy's failing calls (a slot gone, a trap, a deadline) are logged rate-limited.
-static EVENT_LOG: crate::ratelimit::LogLimit =
-    crate::ratelimit::LogLimit::new(5, std::time::Duration::from_secs(1));
+static EVENT_LOG: strata_common::ratelimit::LogLimit =
+    strata_common::ratelimit::LogLimit::new(5, std::time::Duration::from_secs(1));
 
 impl Policy for WasmPolicy {
     fn on_event(&self, event: &wit::Event, backend: Arc<dyn DmBackend>) -> wit::Response {
@@ -51,14 +51,14 @@ impl Policy for WasmPolicy {
             Err(e) => {
                 // the slot is gone: no opinion, the operation goes on (every file
                 // operation of any user may end here: a few lines a second)
-                crate::log_limited!(EVENT_LOG, error, slot = %self.slot, "on-event: {e}");
+                strata_common::log_limited!(EVENT_LOG, error, slot = %self.slot, "on-event: {e}");
                 wit::Response::DontCare
             }
         }
     }
     fn on_notify(&self, event: &wit::Event, backend: Arc<dyn DmBackend>) {
         if let Err(e) = self.host.on_notify(&self.slot, event, Some(backend)) {
-            crate::log_limited!(EVENT_LOG, error, slot = %self.slot, "on-notify: {e}");
+            strata_common::log_limited!(EVENT_LOG, error, slot = %self.slot, "on-notify: {e}");
         }
     }
 }
@@ -84,7 +84,7 @@ struct Attached {
 /// The attachments of policies to filesystems.
 pub struct Router {
     mounts: Arc<Mounts>,
-    db: Arc<crate::store::Db>,
+    db: Arc<strata_common::store::Db>,
     attached: Mutex<HashMap<String, Attached>>,
     /// Attaches and detaches one at a time (a name is checked and taken atomically).
     changing: Mutex<()>,
@@ -120,7 +120,7 @@ fn ok(r: DmReply) -> Result<DmReply, dm::DmError> {
 
 impl Router {
     /// No attachments yet (see [`Router::restore`]).
-    pub fn new(mounts: Arc<Mounts>, db: Arc<crate::store::Db>) -> anyhow::Result<Router> {
+    pub fn new(mounts: Arc<Mounts>, db: Arc<strata_common::store::Db>) -> anyhow::Result<Router> {
         let w = db.begin_write()?;
         w.open_table(ATTACHMENTS)?;
         w.commit()?;

@@ -123,7 +123,7 @@ fn config(flag: &str) -> Option<u64> {
         "max_attrname_size" => 8,
         "max_handle_size" => (16 + crate::dm::handle::MAX_KERNEL_HANDLE + 4) as u64,
         "max_managed_regions" => attrs::MAX_REGIONS as u64,
-        "max_message_data" => strata_client::frame::MAX_HEADER as u64,
+        "max_message_data" => strata_proto::frame::MAX_HEADER as u64,
         "object_id" => 0,
         "persistent_data" => 1,
         "punch_hole" => 1,

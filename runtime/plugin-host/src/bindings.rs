@@ -10,7 +10,7 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 #[allow(missing_docs)]
 pub mod placement_world {
     wasmtime::component::bindgen!({
-        path: "../wit",
+        path: "../../wit",
         world: "placement",
         additional_derives: [serde::Serialize, serde::Deserialize, PartialEq],
     });
@@ -20,7 +20,7 @@ pub mod placement_world {
 #[allow(missing_docs)]
 pub mod dm_world {
     wasmtime::component::bindgen!({
-        path: "../wit",
+        path: "../../wit",
         world: "dm-policy",
         with: {
             "strata:plugin/log": super::placement_world::strata::plugin::log,
@@ -188,7 +188,7 @@ impl clock::Host for HostState {
 /// `text` with control characters (newlines, carriage returns, escapes, ...) written as
 /// Rust escapes (`\n`, `\u{1b}`), so what a plugin (or a client) sends can never start a
 /// new log line or drive a terminal. (Backslashes stay as they are: they cannot forge a line.)
-pub(crate) fn escape_controls(text: &str) -> std::borrow::Cow<'_, str> {
+pub fn escape_controls(text: &str) -> std::borrow::Cow<'_, str> {
     if !text.chars().any(char::is_control) {
         return std::borrow::Cow::Borrowed(text);
     }

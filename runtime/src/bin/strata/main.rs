@@ -6,11 +6,8 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use strata_runtime::api::client::{Client, ClientError};
 use strata_runtime::api::{cache_word, Reply, Request};
-#[path = "../cli/dm.rs"]
 mod dm;
-#[path = "../cli/fs.rs"]
 mod fs;
-#[path = "../cli/spaces.rs"]
 mod spaces;
 
 use strata_runtime::plugin::{

@@ -94,7 +94,9 @@ impl CompileCache {
         // SAFETY: see the module docs: the bytes are wasmtime's own serialization, produced by
         // this engine configuration (compatibility hash in the file name), stored in our 0700
         // directory and verified against the checksum written with them.
-        match unsafe { Component::deserialize(engine, &code) } {
+        #[allow(unsafe_code)]
+        let loaded = unsafe { Component::deserialize(engine, &code) };
+        match loaded {
             Ok(c) => Some(c),
             Err(e) => {
                 tracing::warn!(path = %cwasm.display(), error = %super::error::chain(&e), "stale precompiled component; recompiling");
@@ -108,8 +110,8 @@ impl CompileCache {
             .serialize()
             .map_err(|e| anyhow::anyhow!(super::error::chain(&e)))?;
         let tmp = cwasm.with_extension("tmp");
-        crate::store::write_private(&tmp, &code)?;
-        crate::store::write_private(sum, digest(&code).as_bytes())?;
+        strata_common::store::write_private(&tmp, &code)?;
+        strata_common::store::write_private(sum, digest(&code).as_bytes())?;
         std::fs::rename(&tmp, cwasm)?;
         Ok(())
     }

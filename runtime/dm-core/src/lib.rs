@@ -9,11 +9,13 @@
 //! 001). Rights are held under a token, per object (the handle's bytes), as a readers-writer
 //! lock, and released when the token ends.
 
-use super::{
+#![warn(missing_docs)]
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use strata_proto::dm::{
     DmError, EventData, EventSet, EventType, FsId, Message, Response, Right, SessionId, Token,
     INVALID_TOKEN, NO_SESSION, SESSION_INFO_LEN,
 };
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
 /// A blocked operation of the shell (a FUSE request, a sync `send_msg`).
 pub type OpId = u64;

@@ -24,9 +24,11 @@
 //! bumps the entry's `seq` before a slot it pointed to can be reused), so a torn chunk is
 //! never returned. The entry crc catches a corrupted index; the data crc (optional on the
 //! hit path, see [`Reader::lookup_into`]) a corrupted slot.
+#![warn(missing_docs)]
 
+// The only mapping `unsafe` of the project (see each block's safety argument).
 #[allow(unsafe_code)]
-pub(crate) mod raw;
+pub mod raw;
 
 use raw::Mapping;
 use std::fs::File;
@@ -734,10 +736,7 @@ impl LeaseBuffer {
 
 /// Map a lease buffer lent by the daemon read-write (the holder's side): it must be a
 /// memfd sealed against shrinking, of exactly `capacity` bytes.
-pub(crate) fn map_lease_buffer(
-    fd: std::os::fd::OwnedFd,
-    capacity: u64,
-) -> std::io::Result<Mapping> {
+pub fn map_lease_buffer(fd: std::os::fd::OwnedFd, capacity: u64) -> std::io::Result<Mapping> {
     if !seals(&fd)?.contains(rustix::fs::SealFlags::SHRINK) {
         return Err(std::io::Error::other("lease buffer is not sealed"));
     }

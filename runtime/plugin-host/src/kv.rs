@@ -349,7 +349,7 @@ fn unavailable(e: impl std::fmt::Display) -> KvError {
 
 struct Shared {
     core: Mutex<Core>,
-    db: Arc<crate::store::Db>,
+    db: Arc<strata_common::store::Db>,
     /// Wakes the writer (new dirty entries, or stop).
     wake: Condvar,
     /// Set when the store is dropped: the writer flushes and ends.
@@ -480,13 +480,13 @@ pub struct RedbKv {
 
 impl RedbKv {
     /// Use (and create the tables of) `db`, committing every 100 ms.
-    pub fn new(db: Arc<crate::store::Db>) -> Result<Self, KvError> {
+    pub fn new(db: Arc<strata_common::store::Db>) -> Result<Self, KvError> {
         Self::with_flush_interval(db, Duration::from_millis(100))
     }
 
     /// Use `db`, committing changes every `interval` (at the latest).
     pub fn with_flush_interval(
-        db: Arc<crate::store::Db>,
+        db: Arc<strata_common::store::Db>,
         interval: Duration,
     ) -> Result<Self, KvError> {
         let w = db.begin_write().map_err(unavailable)?;
@@ -679,13 +679,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("m.redb");
         {
-            let db = Arc::new(crate::store::Db::open(&path).unwrap());
+            let db = Arc::new(strata_common::store::Db::open(&path).unwrap());
             // a long interval: only the final flush at drop can have committed
             let kv = RedbKv::with_flush_interval(db, Duration::from_secs(3600)).unwrap();
             exercise(&kv);
             kv.add("c", "n", 7, &KvLimits::default()).unwrap();
         }
-        let db = Arc::new(crate::store::Db::open(&path).unwrap());
+        let db = Arc::new(strata_common::store::Db::open(&path).unwrap());
         let kv = RedbKv::new(db).unwrap();
         assert_eq!(kv.get("a", "x.2").unwrap().as_deref(), Some(&b"2"[..]));
         assert_eq!(kv.get("c", "n").unwrap().as_deref(), Some(&b"7"[..]));
@@ -703,7 +703,7 @@ mod tests {
     fn redb_writer_commits_in_the_background() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("m.redb");
-        let db = Arc::new(crate::store::Db::open(&path).unwrap());
+        let db = Arc::new(strata_common::store::Db::open(&path).unwrap());
         let kv = RedbKv::with_flush_interval(db.clone(), Duration::from_millis(5)).unwrap();
         kv.set("s", "k", b"v", &KvLimits::default()).unwrap();
         let t0 = std::time::Instant::now();
