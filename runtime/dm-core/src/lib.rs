@@ -94,6 +94,8 @@ pub struct Core {
     /// Tokens issued and since ended (answered, cancelled, timed out): ESRCH, not EINVAL.
     ended: BTreeSet<Token>,
     dispositions: HashMap<FsId, HashMap<EventType, SessionId>>,
+    /// Bumped whenever `dispositions` change (the shell republishes its lock-free view).
+    disp_generation: u64,
     locks: HashMap<Vec<u8>, ObjectLock>,
     next_session: u64,
     next_token: u64,
@@ -119,6 +121,7 @@ impl Core {
             events: HashMap::new(),
             ended: BTreeSet::new(),
             dispositions: HashMap::new(),
+            disp_generation: 0,
             locks: HashMap::new(),
             next_session: 1,
             next_token: 1,
@@ -275,6 +278,7 @@ impl Core {
         for t in set.types() {
             d.insert(t, sid);
         }
+        self.disp_generation += 1;
         Ok(())
     }
 
@@ -299,6 +303,30 @@ impl Core {
             .collect();
         out.sort_by_key(|(fs, _)| *fs);
         Ok(out)
+    }
+
+    /// Changes whenever some disposition changes.
+    pub fn disposition_generation(&self) -> u64 {
+        self.disp_generation
+    }
+
+    /// The event types of `fs` disposed to some session.
+    pub fn disposed_set(&self, fs: FsId) -> EventSet {
+        let mut set = EventSet::empty();
+        for t in self
+            .dispositions
+            .get(&fs)
+            .into_iter()
+            .flat_map(|d| d.keys())
+        {
+            set.set(*t);
+        }
+        set
+    }
+
+    /// The filesystems with dispositions.
+    pub fn disposed_filesystems(&self) -> Vec<FsId> {
+        self.dispositions.keys().copied().collect()
     }
 
     /// The session an event type on `fs` goes to.
@@ -778,6 +806,7 @@ impl Core {
                 self.dispositions.entry(fs).or_default().insert(*t, *sid);
             }
         }
+        self.disp_generation += 1;
     }
 
     /// Whether any synchronous event type on `fs` goes to a session (an operation there

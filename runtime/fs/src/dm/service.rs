@@ -5,6 +5,7 @@
 use super::core::{Core, OpId, Output, Raised, WaiterId};
 use super::handle::{Handle, HandleKind};
 use super::{DmError, DmReply, DmRequest, EventData, EventSet, EventType, FsId, Response, Token};
+use arc_swap::ArcSwap;
 use redb::ReadableTable;
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -114,6 +115,22 @@ struct Inner {
     next_op: OpId,
     /// Tokens below this are reserved on disk.
     reserved: u64,
+    /// (core disposition generation, filesystem records generation) of the published views.
+    published: (u64, u64),
+    /// Bumped when a filesystem record changes.
+    fs_generation: u64,
+}
+
+/// What the FUSE hot path asks of a filesystem on every operation, published without the
+/// DM lock (see [`Dm::view`]).
+#[derive(Debug, Clone, Copy, Default)]
+struct FsView {
+    /// Event types disposed to some session.
+    disposed: EventSet,
+    /// The filesystem's event list.
+    events: EventSet,
+    /// Some synchronous event type is disposed: operations may wait.
+    sync: bool,
 }
 
 /// The daemon's DM service. Sessions (id and info) are recorded in the daemon's redb
@@ -121,6 +138,9 @@ struct Inner {
 pub struct Dm {
     max_sessions: usize,
     inner: Mutex<Inner>,
+    /// Dispositions and event lists per filesystem, republished under the lock whenever
+    /// they change and read by the FUSE hot path without it.
+    views: ArcSwap<HashMap<FsId, FsView>>,
     epoch: Instant,
     db: Arc<strata_common::store::Db>,
 }
@@ -172,11 +192,18 @@ impl Dm {
                 filesystems,
                 next_op: 1,
                 reserved: floor,
+                published: (u64::MAX, u64::MAX),
+                fs_generation: 0,
             }),
+            views: ArcSwap::default(),
             epoch: Instant::now(),
             db,
         };
-        dm.reserve_tokens(&mut dm.lock())?;
+        {
+            let mut g = dm.lock();
+            dm.reserve_tokens(&mut g)?;
+            dm.publish(&mut g);
+        }
         Ok(dm)
     }
 
@@ -265,6 +292,38 @@ impl Dm {
         }
     }
 
+    /// Republish the hot path's view if dispositions or filesystem records changed (called
+    /// under the lock after every change, so readers never see an older state than the
+    /// last change that was answered).
+    fn publish(&self, g: &mut Inner) {
+        let now = (g.core.disposition_generation(), g.fs_generation);
+        if g.published == now {
+            return;
+        }
+        let mut views: HashMap<FsId, FsView> = g
+            .filesystems
+            .iter()
+            .map(|(fs, rec)| {
+                let v = FsView {
+                    events: rec.events,
+                    ..FsView::default()
+                };
+                (*fs, v)
+            })
+            .collect();
+        for fs in g.core.disposed_filesystems() {
+            let v = views.entry(fs).or_default();
+            v.disposed = g.core.disposed_set(fs);
+            v.sync = g.core.any_sync_disposed(fs);
+        }
+        self.views.store(Arc::new(views));
+        g.published = now;
+    }
+
+    fn view(&self, fs: FsId) -> FsView {
+        self.views.load().get(&fs).copied().unwrap_or_default()
+    }
+
     fn park(g: &mut Inner, client: u64) -> (WaiterId, Parked) {
         let w = g.core.waiter();
         let (tx, rx) = oneshot::channel();
@@ -275,7 +334,12 @@ impl Dm {
     /// Serve a call from connection `client` (whose peer may use DMAPI).
     pub fn call(&self, client: u64, req: DmRequest, payload: Vec<u8>) -> DmStep {
         let mut g = self.lock();
-        let g = &mut *g;
+        let step = self.call_locked(&mut g, client, req, payload);
+        self.publish(&mut g);
+        step
+    }
+
+    fn call_locked(&self, g: &mut Inner, client: u64, req: DmRequest, payload: Vec<u8>) -> DmStep {
         let r: Result<DmReply, DmError> = match req {
             DmRequest::CreateSession { old, info }
                 if old == super::NO_SESSION && g.core.sessions().len() >= self.max_sessions =>
@@ -549,6 +613,8 @@ impl Dm {
         };
         self.record_fs(id, &rec)?;
         g.filesystems.insert(id, rec);
+        g.fs_generation += 1;
+        self.publish(&mut g);
         Ok(id)
     }
 
@@ -559,11 +625,7 @@ impl Dm {
 
     /// A filesystem's event list (empty for an unknown one).
     pub fn fs_events(&self, fs: FsId) -> EventSet {
-        self.lock()
-            .filesystems
-            .get(&fs)
-            .map(|r| r.events)
-            .unwrap_or_default()
+        self.view(fs).events
     }
 
     /// All filesystem records.
@@ -585,6 +647,8 @@ impl Dm {
         f(&mut rec);
         self.record_fs(fs, &rec)?;
         g.filesystems.insert(fs, rec);
+        g.fs_generation += 1;
+        self.publish(&mut g);
         Ok(())
     }
 
@@ -599,23 +663,24 @@ impl Dm {
         self.lock().core.check_right(sid, token, object, need)
     }
 
-    /// Whether an event of `kind` on `fs` goes to some session.
+    /// Whether an event of `kind` on `fs` goes to some session (no lock: see
+    /// [`Dm::publish`]; an event raised just as its disposition goes is dropped by
+    /// [`Dm::raise`], which asks the core again).
     pub fn disposed(&self, fs: FsId, kind: EventType) -> bool {
-        self.lock().core.disposed_to(fs, kind).is_some()
+        self.view(fs).disposed.contains(kind)
     }
 
     /// When an event of `kind` on `fs` goes to some session: the filesystem's event list
-    /// (one lock for both questions of "is it generated").
+    /// (both read from one published view, without the DM lock).
     pub fn disposed_events(&self, fs: FsId, kind: EventType) -> Option<EventSet> {
-        let g = self.lock();
-        g.core.disposed_to(fs, kind)?;
-        Some(g.filesystems.get(&fs).map(|r| r.events).unwrap_or_default())
+        let v = self.view(fs);
+        v.disposed.contains(kind).then_some(v.events)
     }
 
     /// Whether some synchronous event on `fs` goes to a session (operations there may
-    /// wait, so the filesystem layer runs them off its dispatch thread).
+    /// wait, so the filesystem layer runs them off its dispatch thread). No lock.
     pub fn may_block(&self, fs: FsId) -> bool {
-        self.lock().core.any_sync_disposed(fs)
+        self.view(fs).sync
     }
 
     /// Raise an event for an operation (synchronous types block it: wait with
