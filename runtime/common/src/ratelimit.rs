@@ -13,7 +13,7 @@
 //! be shared between threads; use one limiter per kind of message.
 //!
 //! ```
-//! use strata_runtime::ratelimit::LogLimit;
+//! use strata_common::ratelimit::LogLimit;
 //! use std::time::Duration;
 //! static ACCEPT: LogLimit = LogLimit::new(5, Duration::from_secs(1));
 //! if let Some(suppressed) = ACCEPT.admit() {
@@ -102,7 +102,7 @@ impl LogLimit {
 /// limiter admits it, with a `suppressed` field counting the lines left out before it.
 ///
 /// ```
-/// use strata_runtime::{ratelimit::LogLimit, log_limited};
+/// use strata_common::{ratelimit::LogLimit, log_limited};
 /// use std::time::Duration;
 /// static REFUSED: LogLimit = LogLimit::new(3, Duration::from_secs(1));
 /// log_limited!(REFUSED, warn, uid = 65534, "connection refused: too many connections");

@@ -133,6 +133,36 @@ struct FsView {
     sync: bool,
 }
 
+/// A record of the DM service's state to store (see [`Dm::flush`]).
+enum Record {
+    /// A session was created (its info) or destroyed (`None`).
+    Session(u64, Option<Vec<u8>>),
+    /// The dispositions of a filesystem, all of them.
+    Dispositions(FsId, Vec<(EventType, u64)>),
+    /// Tokens below this are reserved.
+    Tokens(u64),
+}
+
+/// Records queued under the DM lock, in order, and stored after it by one writer at a time.
+#[derive(Default)]
+struct Records {
+    queue: Mutex<std::collections::VecDeque<(u64, Record)>>,
+    next: std::sync::atomic::AtomicU64,
+    /// The last record stored (or given up on); held while a batch is written.
+    writer: Mutex<u64>,
+}
+
+impl Records {
+    /// Queue a record (called under the DM lock, which orders them).
+    fn push(&self, rec: Record) {
+        let seq = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        self.queue
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push_back((seq, rec));
+    }
+}
+
 /// The daemon's DM service. Sessions (id and info) are recorded in the daemon's redb
 /// (`dm_sessions`) and come back after a restart, without their events.
 pub struct Dm {
@@ -141,6 +171,7 @@ pub struct Dm {
     /// Dispositions and event lists per filesystem, republished under the lock whenever
     /// they change and read by the FUSE hot path without it.
     views: ArcSwap<HashMap<FsId, FsView>>,
+    records: Records,
     epoch: Instant,
     db: Arc<strata_common::store::Db>,
 }
@@ -196,41 +227,71 @@ impl Dm {
                 fs_generation: 0,
             }),
             views: ArcSwap::default(),
+            records: Records::default(),
             epoch: Instant::now(),
             db,
         };
         {
             let mut g = dm.lock();
-            dm.reserve_tokens(&mut g)?;
+            dm.reserve_tokens(&mut g);
             dm.publish(&mut g);
         }
+        dm.flush();
         Ok(dm)
     }
 
-    /// Keep the on-disk reservation ahead of the tokens issued.
-    fn reserve_tokens(&self, g: &mut Inner) -> anyhow::Result<()> {
+    /// Keep the on-disk reservation ahead of the tokens issued: half a block before the
+    /// tokens reach it, a new reservation is queued (stored by [`Dm::flush`] after the lock
+    /// is released, long before the tokens get there).
+    fn reserve_tokens(&self, g: &mut Inner) {
         if g.core.next_token() + TOKEN_BLOCK / 2 < g.reserved {
-            return Ok(());
+            return;
         }
         let reserved = g.core.next_token() + TOKEN_BLOCK;
-        let w = self.db.begin_write()?;
-        w.open_table(META)?.insert("token_reserved", reserved)?;
-        w.commit()?;
+        self.records.push(Record::Tokens(reserved));
         g.reserved = reserved;
-        Ok(())
     }
 
-    fn record_session(&self, sid: u64, info: Option<&[u8]>) {
+    /// Store every record queued so far (not under the DM lock: whoever comes first
+    /// commits the records of everyone waiting, in the order they were queued, in one
+    /// transaction). Failures are logged: as before, a record that cannot be stored
+    /// leaves the state in memory as it is.
+    fn flush(&self) {
+        let mut committed = self
+            .records
+            .writer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let batch: Vec<(u64, Record)> = {
+            let mut q = self.records.queue.lock().unwrap_or_else(|p| p.into_inner());
+            q.drain(..).collect()
+        };
+        let Some(last) = batch.last().map(|(seq, _)| *seq) else {
+            return;
+        };
         let r = (|| -> anyhow::Result<()> {
             let w = self.db.begin_write()?;
             {
-                let mut t = w.open_table(SESSIONS)?;
-                match info {
-                    Some(i) => {
-                        t.insert(sid, i)?;
-                    }
-                    None => {
-                        t.remove(sid)?;
+                let mut sessions = w.open_table(SESSIONS)?;
+                let mut disp = w.open_table(DISPOSITIONS)?;
+                let mut meta = w.open_table(META)?;
+                for (_, rec) in &batch {
+                    match rec {
+                        Record::Session(sid, Some(info)) => {
+                            sessions.insert(*sid, info.as_slice())?;
+                        }
+                        Record::Session(sid, None) => {
+                            sessions.remove(*sid)?;
+                        }
+                        Record::Dispositions(fs, d) if d.is_empty() => {
+                            disp.remove(*fs)?;
+                        }
+                        Record::Dispositions(fs, d) => {
+                            disp.insert(*fs, serde_json::to_vec(d)?.as_slice())?;
+                        }
+                        Record::Tokens(reserved) => {
+                            meta.insert("token_reserved", *reserved)?;
+                        }
                     }
                 }
             }
@@ -238,8 +299,17 @@ impl Dm {
             Ok(())
         })();
         if let Err(e) = r {
-            tracing::error!(session = sid, "cannot record DM session: {e}");
+            tracing::error!(
+                records = batch.len(),
+                "cannot record DM sessions, dispositions or token reservations: {e}"
+            );
         }
+        *committed = last;
+    }
+
+    fn record_session(&self, sid: u64, info: Option<&[u8]>) {
+        self.records
+            .push(Record::Session(sid, info.map(<[u8]>::to_vec)));
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -336,6 +406,9 @@ impl Dm {
         let mut g = self.lock();
         let step = self.call_locked(&mut g, client, req, payload);
         self.publish(&mut g);
+        drop(g);
+        // what the call changed is stored before it is answered
+        self.flush();
         step
     }
 
@@ -445,12 +518,7 @@ impl Dm {
             DmRequest::SendMsg { sid, sync } => {
                 let op = g.next_op;
                 g.next_op += 1;
-                if let Err(e) = self.reserve_tokens(g) {
-                    tracing::error!("cannot reserve DM tokens: {e}");
-                    return DmStep::Done(DmReply::Error {
-                        error: DmError::Enomem,
-                    });
-                }
+                self.reserve_tokens(g);
                 match g.core.send_msg(sid, sync, payload, op) {
                     Ok((Raised::Blocked(token), out)) => {
                         let (tx, rx) = oneshot::channel();
@@ -563,23 +631,8 @@ impl Dm {
     }
 
     fn record_dispositions(&self, g: &Inner, fs: FsId) {
-        let d = g.core.dispositions_of(fs);
-        let r = (|| -> anyhow::Result<()> {
-            let w = self.db.begin_write()?;
-            {
-                let mut t = w.open_table(DISPOSITIONS)?;
-                if d.is_empty() {
-                    t.remove(fs)?;
-                } else {
-                    t.insert(fs, serde_json::to_vec(&d)?.as_slice())?;
-                }
-            }
-            w.commit()?;
-            Ok(())
-        })();
-        if let Err(e) = r {
-            tracing::error!(fs, "cannot record dispositions: {e}");
-        }
+        self.records
+            .push(Record::Dispositions(fs, g.core.dispositions_of(fs)));
     }
 
     fn record_fs(&self, fs: FsId, rec: &FsRecord) -> Result<(), DmError> {
@@ -686,12 +739,10 @@ impl Dm {
     /// Raise an event for an operation (synchronous types block it: wait with
     /// [`Dm::wait`]).
     pub fn raise(&self, fs: FsId, kind: EventType, data: EventData) -> Raise {
-        let mut g = self.lock();
-        let g = &mut *g;
+        let mut guard = self.lock();
+        let g = &mut *guard;
         if kind.is_sync() {
-            if let Err(e) = self.reserve_tokens(g) {
-                tracing::error!("cannot reserve DM tokens: {e}");
-            }
+            self.reserve_tokens(g);
         }
         let op = g.next_op;
         g.next_op += 1;
@@ -705,7 +756,22 @@ impl Dm {
             _ => Raise::Go,
         };
         Self::apply(g, out);
+        drop(guard);
+        self.flush_if_queued();
         r
+    }
+
+    /// Store queued records, if any (cheap when there are none).
+    fn flush_if_queued(&self) {
+        let queued = !self
+            .records
+            .queue
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_empty();
+        if queued {
+            self.flush();
+        }
     }
 
     /// Wait for a raised event's answer: `Ok` to go on, `Err(errno)` to fail the operation
