@@ -917,12 +917,16 @@ impl PluginHost {
             plugin: name.into(),
             detail: e.to_string(),
         })?;
-        let _g = lock(&slot.mgmt);
         let settings = match settings {
             Some(s) => Arc::new(s),
             None => slot.current.load().settings.clone(),
         };
+        // compile and self-test without the slot's management lock (a Python component
+        // takes seconds to compile; the call path takes that lock for a rollback): only
+        // the switch is serialized. Of two concurrent swaps the later switch wins, and
+        // the earlier version goes to the history like any replaced one.
         let new = self.prepare(&slot.name, slot.kind, wasm, source, settings)?;
+        let _g = lock(&slot.mgmt);
         let (compile_ms, selftest_ms, cache, to) =
             (new.compile_ms, new.selftest_ms, new.cache, new.id);
         let notes = new.notes.clone();
