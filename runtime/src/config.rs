@@ -49,6 +49,10 @@
 //! [dm]
 //! event_timeout_ms = 60000            # a synchronous event unanswered this long fails...
 //! timeout_errno = 110                 # ...its operation with this errno (ETIMEDOUT)
+//! op_threads = 256                    # threads for file operations that may wait for a DM
+//!                                     # application (all mounts)...
+//! op_queue = 4096                     # ...operations waiting for one; more: EIO, logged
+//! attach_workers = 4                  # threads answering the events of one attached policy
 //!
 //! [limits]                            # what one local user can take of the daemon
 //! max_connections = 4096              # open API connections in all (root's not counted)
@@ -340,6 +344,11 @@ impl Config {
         anyhow::ensure!(
             self.plugins.init_deadline_ms <= 60_000,
             "plugins.init_deadline_ms must be at most 60000"
+        );
+        anyhow::ensure!(
+            (1..=65_536).contains(&self.dm.op_threads)
+                && (1..=64).contains(&self.dm.attach_workers),
+            "dm.op_threads must be 1..=65536 and dm.attach_workers 1..=64"
         );
         anyhow::ensure!(
             (1..=crate::dm::core::MAX_ERRNO).contains(&self.dm.timeout_errno),

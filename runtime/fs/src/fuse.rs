@@ -12,7 +12,8 @@
 //!
 //! fuser dispatches requests one at a time on one thread; an operation that may wait for a
 //! DM application's answer (a synchronous event is disposed on the filesystem) runs on a
-//! thread of its own, so that other requests, including the DM application's own, go on.
+//! thread of a bounded pool (`dm.op_threads`, `dm.op_queue`), so that other requests,
+//! including the DM application's own, go on.
 
 use crate::dm::attrs::{self, flags, Region};
 use crate::dm::handle::Handle;
@@ -1181,10 +1182,17 @@ impl ManagedFs {
     fn run(&self, blocking: bool, job: impl FnOnce(&Shared) + Send + 'static) {
         if blocking {
             let s = self.s.clone();
-            // if no thread can be started, the dropped reply answers EIO
-            let _ = std::thread::Builder::new()
-                .name("strata-fs-op".into())
-                .spawn(move || job(&s));
+            // a full pool hands the job back: dropping it drops its reply, which answers
+            // EIO (the kernel's request never goes unanswered)
+            if self.s.dm.ops_pool().submit(move || job(&s)).is_err() {
+                static FULL: strata_common::ratelimit::LogLimit =
+                    strata_common::ratelimit::LogLimit::new(3, Duration::from_secs(10));
+                strata_common::log_limited!(
+                    FULL,
+                    error,
+                    "a filesystem operation was refused with EIO: every thread of dm.op_threads waits for a DM application and dm.op_queue operations wait for a thread"
+                );
+            }
         } else {
             job(&self.s)
         }

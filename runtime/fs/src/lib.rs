@@ -10,6 +10,7 @@
 pub mod calls;
 pub mod dm;
 pub mod fuse;
+pub mod pool;
 pub mod route;
 
 use crate::dm::handle::Handle;
@@ -77,7 +78,7 @@ impl Live {
     /// Tell the kernel to forget what it cached of an object (after a DM call changed it
     /// behind the kernel's back).
     ///
-    /// The attributes are dropped at once; the cached pages on a thread of its own: the
+    /// The attributes are dropped at once; the cached pages on a pool thread: the
     /// kernel may have to wait for a page that a blocked operation holds (a page fault
     /// waiting for the READ event whose DM application is making this very call), so the
     /// call must not wait for that.
@@ -87,11 +88,18 @@ impl Live {
             // offset -1: attributes only, which takes no page lock
             let _ = self.notifier.inval_inode(ino, -1, 0);
             let n = self.notifier.clone();
-            let _ = std::thread::Builder::new()
-                .name("strata-fs-inval".into())
-                .spawn(move || {
-                    let _ = n.inval_inode(ino, 0, 0);
-                });
+            let job = move || {
+                let _ = n.inval_inode(ino, 0, 0);
+            };
+            if self.shared.dm.inval_pool().submit(job).is_err() {
+                static FULL: strata_common::ratelimit::LogLimit =
+                    strata_common::ratelimit::LogLimit::new(3, Duration::from_secs(10));
+                strata_common::log_limited!(
+                    FULL,
+                    error,
+                    "page-cache invalidation dropped: 65536 are waiting already (cached pages of inode {ino} may stay stale until evicted)"
+                );
+            }
         }
     }
 }

@@ -1,7 +1,7 @@
 //! DM applications inside the daemon: a `dm-policy` plugin slot (or a native policy)
 //! attached to a managed filesystem gets a DM session of its own, the dispositions of the
-//! event types it asked for, and a worker thread that takes the session's events and calls
-//! the policy: `on-event` for synchronous ones (its answer is the response), `on-notify` for
+//! event types it asked for, and `dm.attach_workers` worker threads that take the session's
+//! events (a few at a time each, so one slow answer holds up no other) and call the policy: `on-event` for synchronous ones (its answer is the response), `on-notify` for
 //! the others. The policy's `dm-host` imports run as DM calls of that session under the
 //! event's token (the right a call needs is requested under the token first).
 //!
@@ -78,7 +78,8 @@ struct Attached {
     sid: SessionId,
     client: u64,
     stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    /// `dm.attach_workers` threads taking the session's events.
+    threads: Vec<std::thread::JoinHandle<()>>,
 }
 
 /// The attachments of policies to filesystems.
@@ -280,13 +281,32 @@ impl Router {
             sid,
             client,
         });
-        let thread = {
-            let (stop, name, service) = (stop.clone(), name.to_string(), dm.clone());
-            std::thread::Builder::new()
-                .name(format!("strata-dm-{name}"))
-                .spawn(move || worker(&name, sid, client, service, policy, backend, stop))
-                .map_err(|_| dm::DmError::Enomem)?
-        };
+        // several workers take the session's events (a few at a time each), so that a
+        // slow answer does not hold up the others; each call takes an idle instance of
+        // the policy from its version's pool
+        let mut threads = Vec::new();
+        for i in 0..dm.attach_workers() {
+            let (stop, slot, service) = (stop.clone(), name.to_string(), dm.clone());
+            let (policy, backend) = (policy.clone(), backend.clone());
+            match std::thread::Builder::new()
+                .name(format!("strata-dm-{name}-{i}"))
+                .spawn(move || worker(&slot, sid, client, service, policy, backend, stop))
+            {
+                Ok(t) => threads.push(t),
+                Err(e) if threads.is_empty() => {
+                    tracing::error!(name, "cannot start an attachment worker: {e}");
+                    return Err(dm::DmError::Enomem);
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        name,
+                        workers = threads.len(),
+                        "fewer attachment workers than configured: {e}"
+                    );
+                    break;
+                }
+            }
+        }
         self.attached
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -296,7 +316,7 @@ impl Router {
                     sid,
                     client,
                     stop,
-                    thread: Some(thread),
+                    threads,
                 },
             );
         tracing::info!(name, sid, fs, events = ?events.types(), "policy attached");
@@ -377,7 +397,7 @@ impl Router {
 /// until it has seen the stop flag.
 fn stop_worker(dm: &crate::dm::service::Dm, mut a: Attached) {
     a.stop.store(true, Ordering::Release);
-    if let Some(t) = a.thread.take() {
+    for t in a.threads.drain(..) {
         while !t.is_finished() {
             dm.disconnect(a.client);
             std::thread::sleep(std::time::Duration::from_millis(5));
@@ -432,6 +452,9 @@ fn release_session(dm: &crate::dm::service::Dm, client: u64, sid: SessionId) {
     dm.disconnect(client);
 }
 
+/// Events one worker takes at a time: few, so that the others get the rest.
+const EVENTS_PER_WORKER_CALL: u32 = 4;
+
 fn worker(
     name: &str,
     sid: SessionId,
@@ -446,7 +469,7 @@ fn worker(
             client,
             DmRequest::GetEvents {
                 sid,
-                max: 64,
+                max: EVENTS_PER_WORKER_CALL,
                 wait: true,
             },
             vec![],

@@ -23,6 +23,12 @@ pub struct DmConfig {
     pub timeout_errno: i32,
     /// At most this many sessions (one more is ENOMEM).
     pub max_sessions: usize,
+    /// Threads for filesystem operations that may wait for a DM application (all mounts).
+    pub op_threads: usize,
+    /// Such operations waiting for a thread; more are answered EIO (and logged).
+    pub op_queue: usize,
+    /// Threads answering the events of one attached policy.
+    pub attach_workers: usize,
 }
 
 impl Default for DmConfig {
@@ -31,6 +37,9 @@ impl Default for DmConfig {
             event_timeout_ms: 60_000,
             timeout_errno: libc::ETIMEDOUT,
             max_sessions: 4096,
+            op_threads: 256,
+            op_queue: 4096,
+            attach_workers: 4,
         }
     }
 }
@@ -167,6 +176,11 @@ impl Records {
 /// (`dm_sessions`) and come back after a restart, without their events.
 pub struct Dm {
     max_sessions: usize,
+    attach_workers: usize,
+    /// Filesystem operations that may wait for a DM application.
+    ops_pool: crate::pool::Pool,
+    /// Page-cache invalidations (which may wait for a page a blocked operation holds).
+    inval_pool: crate::pool::Pool,
     inner: Mutex<Inner>,
     /// Dispositions and event lists per filesystem, republished under the lock whenever
     /// they change and read by the FUSE hot path without it.
@@ -216,6 +230,9 @@ impl Dm {
         core.set_token_floor(floor);
         let dm = Dm {
             max_sessions: cfg.max_sessions,
+            attach_workers: cfg.attach_workers.max(1),
+            ops_pool: crate::pool::Pool::new("strata-fs-op", cfg.op_threads, cfg.op_queue),
+            inval_pool: crate::pool::Pool::new("strata-fs-inval", 4, 1 << 16),
             inner: Mutex::new(Inner {
                 core,
                 wakers: HashMap::new(),
@@ -360,6 +377,21 @@ impl Dm {
                 }
             }
         }
+    }
+
+    /// The pool of filesystem operations that may wait for a DM application.
+    pub fn ops_pool(&self) -> &crate::pool::Pool {
+        &self.ops_pool
+    }
+
+    /// The pool of page-cache invalidations.
+    pub fn inval_pool(&self) -> &crate::pool::Pool {
+        &self.inval_pool
+    }
+
+    /// Threads answering the events of one attached policy.
+    pub fn attach_workers(&self) -> usize {
+        self.attach_workers
     }
 
     /// Republish the hot path's view if dispositions or filesystem records changed (called
