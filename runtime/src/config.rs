@@ -308,13 +308,24 @@ impl Default for Config {
 }
 
 impl Config {
-    /// Read and check a config file.
+    /// Read and check a config file. Errors name the file and the line: a syntax error, an
+    /// unknown key or a value of the wrong type with the parser's position, a value the
+    /// daemon cannot run with with the line of its key (when the file sets it).
     pub fn load(path: &Path) -> anyhow::Result<Config> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| anyhow::anyhow!("cannot read config {}: {e}", path.display()))?;
         let cfg: Config =
             toml::from_str(&text).map_err(|e| anyhow::anyhow!("config {}: {e}", path.display()))?;
-        cfg.check()?;
+        if let Err(e) = cfg.check() {
+            let msg = e.to_string();
+            let at = msg
+                .split_whitespace()
+                .next()
+                .and_then(|key| line_of(&text, key))
+                .map(|line| format!(", line {line}"))
+                .unwrap_or_default();
+            anyhow::bail!("config {}{at}: {msg}", path.display());
+        }
         Ok(cfg)
     }
 
@@ -430,9 +441,52 @@ impl Config {
     }
 }
 
+/// The line (1-based) where `key` (`table.key`, or `key` at the top) is set in `text`, a
+/// TOML file of `[table]` headers and `key = value` lines.
+pub fn line_of(text: &str, key: &str) -> Option<usize> {
+    let key = key.trim_end_matches([',', ':', '.']);
+    let (table, name) = match key.rsplit_once('.') {
+        Some((t, n)) => (t, n),
+        None => ("", key),
+    };
+    let mut current = String::new();
+    for (i, line) in text.lines().enumerate() {
+        let l = line.trim();
+        if let Some(h) = l.strip_prefix('[') {
+            current = h.split(']').next().unwrap_or("").trim().to_string();
+            continue;
+        }
+        let Some((k, _)) = l.split_once('=') else {
+            continue;
+        };
+        if current == table && k.trim().trim_matches('"') == name {
+            return Some(i + 1);
+        }
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn errors_name_the_line_of_the_key() {
+        let text =
+            "log = \"info\"\n\n[plugins]\ndeadline_ms = 5\n\n[dm]\n# a comment\nop_threads = 0\n";
+        assert_eq!(line_of(text, "dm.op_threads"), Some(8));
+        assert_eq!(line_of(text, "plugins.deadline_ms"), Some(4));
+        assert_eq!(line_of(text, "log"), Some(1));
+        assert_eq!(line_of(text, "dm.attach_workers"), None);
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(&p, text).unwrap();
+        let e = Config::load(&p).unwrap_err().to_string();
+        assert!(e.contains("line 8") && e.contains("dm.op_threads"), "{e}");
+        std::fs::write(&p, "[dm]\nop_thread = 4\n").unwrap();
+        let e = Config::load(&p).unwrap_err().to_string();
+        assert!(e.contains("line 2") && e.contains("op_thread"), "{e}");
+    }
 
     #[test]
     fn host_ids_with_control_characters_are_refused() {

@@ -17,10 +17,26 @@ struct Args {
     /// Override `socket`.
     #[arg(long)]
     socket: Option<PathBuf>,
+    /// Check this config file (unknown keys and bad values are named with their line) and
+    /// exit without starting: 0 when the daemon would run with it.
+    #[arg(long, value_name = "FILE", conflicts_with = "config")]
+    check_config: Option<PathBuf>,
 }
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if let Some(p) = &args.check_config {
+        match Config::load(p) {
+            Ok(_) => {
+                println!("config {}: ok", p.display());
+                return Ok(());
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                std::process::exit(1);
+            }
+        }
+    }
     let mut cfg = match &args.config {
         Some(p) => Config::load(p)?,
         None => Config::default(),
