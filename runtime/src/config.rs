@@ -1,73 +1,8 @@
 //! `stratad` configuration (TOML). Every field has a default, so an empty file is valid.
 //!
-//! ```toml
-//! data_dir = "/var/lib/strata"        # metadata store, plugin blobs, precompiled cache, spawn
-//!                                     # logs: owner-only (0700/0600, tightened at every start)
-//! socket = "/run/strata/stratad.sock" # local admin/client API (0666; its directory must not
-//!                                     # be writable by others; not inside data_dir)
-//! log = "info"                        # tracing filter
-//!
-//! [plugins]
-//! deadline_ms = 10                    # default per-call deadline of new slots
-//! memory_limit = 67108864             # default memory cap of new slots
-//! max_component_bytes = 67108864
-//! max_config_bytes = 65536
-//! precompiled_cache = true
-//! max_hosts = 1024                    # most hosts a place/rebalance request may name
-//! max_rebalance_chunks = 100000       # most chunks a rebalance request may name
-//! max_name_bytes = 1024               # longest host id / space / chunk name in a request
-//! rollback_input_bytes = 65536        # timeouts / memory-cap failures of calls with larger
-//!                                     # inputs do not count towards automatic rollback
-//! wasi_deadline_ms = 2000             # deadline of WASI-importing (interpreted) plugins...
-//! wasi_min_deadline_ms = 1000         # ...whose slot deadline is below this minimum
-//! kv_flush_ms = 100                   # plugin kv state is committed at least this often
-//! init_deadline_ms = 1000             # least deadline of the init self-test at load/restore
-//!
-//! [spaces]
-//! host_id = "node1"                   # default: the machine's host name
-//! shm_dir = "/dev/shm"                # unused: regions are memfds (accepted for old configs)
-//! default_slot_size = 1048576         # largest chunk of a space created without options
-//! default_slots = 256                 # cache slots of such a space
-//! max_slot_size = 67108864            # largest slot (= chunk) size a space may ask for
-//! max_cache_bytes = 4294967296        # largest cache region of one space
-//! lease_timeout_ms = 30000            # start_write leases not stopped by then are reclaimed
-//! spawn_allow = ["/usr/bin/env"]      # programs `spawn` may start (exact paths)
-//! spawn_max_children_per_uid = 32     # live spawned programs per uid; more: SPAWNPROCESS_FAIL EAGAIN
-//! spawn_log_max_bytes = 8388608       # data_dir/spawn/<uid>.log rotates to <uid>.log.1 past this
-//! # quotas, charged to a space's owner; root and the daemon's own uid are exempt from
-//! # the per-uid ones, the host limits hold for everyone (docs/spaces.md, "Quotas")
-//! spaces_per_uid = 64                 # spaces (joined or not) one uid may own
-//! shm_bytes_per_uid = 1073741824      # bytes of cache regions of one uid's joined spaces
-//!                                     # and of lease buffers its connections hold
-//! durable_bytes_per_uid = 1073741824  # bytes of valid durable chunks in one uid's spaces
-//! chunks_per_uid = 100000             # chunk records (valid or not) in one uid's spaces
-//! max_spaces = 4096                   # spaces on this host
-//! max_shm_bytes = 8589934592          # bytes of regions and lease buffers on this host (default: half
-//!                                     # of the shm_dir filesystem, at least 1 GiB)
-//! spare_lease_buffers = 8             # lease buffers a connection keeps for its next leases
-//!
-//! [dm]
-//! event_timeout_ms = 60000            # a synchronous event unanswered this long fails...
-//! timeout_errno = 110                 # ...its operation with this errno (ETIMEDOUT)
-//! op_threads = 256                    # threads for file operations that may wait for a DM
-//!                                     # application (all mounts)...
-//! op_queue = 4096                     # ...operations waiting for one; more: EIO, logged
-//! attach_workers = 4                  # threads answering the events of one attached policy
-//!
-//! [limits]                            # what one local user can take of the daemon
-//! max_connections = 4096              # open API connections in all (root's not counted)
-//! max_connections_per_uid = 256       # open API connections of one uid (not root's)
-//! idle_timeout_ms = 300000            # a connection with nothing in flight is closed
-//! header_timeout_ms = 5000            # a started frame's header must arrive by then
-//! body_timeout_ms = 30000             # ...and its payload within this after the header
-//! max_inflight_bytes = 1073741824     # request bytes being read or served, all uids
-//! max_inflight_bytes_per_uid = 268435456 # ...of one uid (headers and payloads)
-//! plugin_calls = 2                    # plugin calls (place, rebalance) running at once
-//!                                     # (default: the number of CPUs)
-//! plugin_calls_per_uid = 1            # ...of them for one uid; the rest wait their turn
-//!                                     # (default: half of plugin_calls, at least 1)
-//! max_blocking_threads = 512          # the daemon's blocking thread pool
-//! ```
+//! Every setting, its default and what it means: `runtime/packaging/stratad.toml`, the
+//! file the package installs as `/etc/strata/stratad.toml` (a test checks that it names
+//! every setting and nothing else).
 
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -469,6 +404,61 @@ pub fn line_of(text: &str, key: &str) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const PACKAGED: &str = include_str!("../packaging/stratad.toml");
+
+    /// (table, key) of every setting a TOML value holds.
+    fn keys(v: &toml::Value, table: &str, out: &mut std::collections::BTreeSet<String>) {
+        if let toml::Value::Table(t) = v {
+            for (k, v) in t {
+                match v {
+                    toml::Value::Table(_) if table.is_empty() => keys(v, k, out),
+                    _ => {
+                        out.insert(format!("{table}.{k}"));
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_packaged_config_documents_every_setting_and_nothing_else() {
+        // as shipped (every line commented out): the defaults
+        let c: Config = toml::from_str(PACKAGED).unwrap();
+        c.check().unwrap();
+        // every documented line uncommented: valid keys (unknown ones are refused)
+        let open: String = PACKAGED
+            .lines()
+            .map(|l| match l.strip_prefix("# ") {
+                Some(rest)
+                    if rest.split('=').next().is_some_and(|k| {
+                        let k = k.trim();
+                        !k.is_empty() && k.chars().all(|c| c.is_ascii_lowercase() || c == '_')
+                    }) && rest.contains('=') =>
+                {
+                    rest.to_string()
+                }
+                _ => l.to_string(),
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        let documented: toml::Value = toml::from_str(&open).unwrap();
+        let c: Config = toml::from_str(&open).expect("every documented key is a setting");
+        c.check().unwrap();
+        let mut doc = std::collections::BTreeSet::new();
+        keys(&documented, "", &mut doc);
+        let mut all = std::collections::BTreeSet::new();
+        keys(
+            &toml::Value::try_from(Config::default()).unwrap(),
+            "",
+            &mut all,
+        );
+        let missing: Vec<_> = all.difference(&doc).collect();
+        assert!(
+            missing.is_empty(),
+            "settings not in runtime/packaging/stratad.toml: {missing:?}"
+        );
+    }
 
     #[test]
     fn errors_name_the_line_of_the_key() {

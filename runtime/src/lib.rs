@@ -14,6 +14,8 @@
 
 pub mod api;
 pub mod config;
+pub mod docs;
+pub mod sdnotify;
 pub mod space;
 
 pub use strata_common::{log_limited, ratelimit, store};

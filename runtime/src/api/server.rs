@@ -1180,11 +1180,17 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             .name("stratad-accept".into())
             .spawn(move || accept_loop(rt, d, limits, listener))?;
     }
+    // the socket answers from now on: `systemctl start` may return
+    let status = format!("READY=1\nSTATUS=serving {}", socket.display());
+    if let Err(e) = crate::sdnotify::notify(&status) {
+        tracing::warn!("cannot tell the service manager the daemon is ready: {e}");
+    }
     tokio::select! {
         _ = term.recv() => {},
         _ = int.recv() => {},
     }
     tracing::info!("stratad stopping");
+    let _ = crate::sdnotify::notify("STOPPING=1");
     ticker.abort();
     let _ = std::fs::remove_file(&socket);
     daemon.spaces.shutdown();

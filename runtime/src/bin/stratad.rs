@@ -21,10 +21,17 @@ struct Args {
     /// exit without starting: 0 when the daemon would run with it.
     #[arg(long, value_name = "FILE", conflicts_with = "config")]
     check_config: Option<PathBuf>,
+    /// Write man pages and shell completions under this directory and exit.
+    #[arg(long, value_name = "DIR", hide = true)]
+    generate_docs: Option<PathBuf>,
 }
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if let Some(dir) = &args.generate_docs {
+        use clap::CommandFactory;
+        return strata_runtime::docs::generate(Args::command().name("stratad"), dir);
+    }
     if let Some(p) = &args.check_config {
         match Config::load(p) {
             Ok(_) => {

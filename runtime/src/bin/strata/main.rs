@@ -15,6 +15,15 @@ use strata_runtime::plugin::{
 };
 
 /// Administer a Strata daemon.
+/// `strata --generate-docs DIR` (hidden, for packaging): man pages and completions.
+fn docs_dir() -> Option<PathBuf> {
+    let mut args = std::env::args_os().skip(1);
+    match (args.next(), args.next(), args.next()) {
+        (Some(flag), Some(dir), None) if flag == "--generate-docs" => Some(PathBuf::from(dir)),
+        _ => None,
+    }
+}
+
 #[derive(Parser)]
 #[command(version)]
 struct Cli {
@@ -272,6 +281,14 @@ fn print_slots(slots: &[SlotInfo]) {
 }
 
 fn main() {
+    if let Some(dir) = docs_dir() {
+        use clap::CommandFactory;
+        if let Err(e) = strata_runtime::docs::generate(Cli::command().name("strata"), &dir) {
+            eprintln!("strata: {e:#}");
+            std::process::exit(1);
+        }
+        return;
+    }
     let cli = Cli::parse();
     if let Err(e) = run(&cli) {
         eprintln!("strata: {e:#}");
