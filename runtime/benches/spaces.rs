@@ -217,6 +217,38 @@ fn durable_writers(
     v[v.len() / 2]
 }
 
+/// Records per second of `writers` threads each storing a 4 KiB chunk record `each` times
+/// straight into the spaces' store (redb in `dir`, no daemon), and records per commit.
+fn store_writers(dir: &Path, writers: usize, each: usize, data: &[u8]) -> (f64, f64) {
+    use strata_runtime::space::core::ChunkMeta;
+    use strata_runtime::space::durable::Durable;
+    let path = dir.join(format!("store-{writers}.redb"));
+    let db = std::sync::Arc::new(strata_runtime::store::Db::open(&path).unwrap());
+    let d = Durable::open(db).unwrap();
+    let meta = ChunkMeta {
+        version: 1,
+        valid: true,
+        len: data.len() as u64,
+        crc: 0,
+    };
+    let t = Instant::now();
+    std::thread::scope(|s| {
+        for w in 0..writers {
+            let d = &d;
+            s.spawn(move || {
+                for _ in 0..each {
+                    d.put_chunk("s", &format!("c{w}"), &meta, data.to_vec())
+                        .unwrap();
+                }
+            });
+        }
+    });
+    let rate = (writers * each) as f64 / t.elapsed().as_secs_f64();
+    let (batches, records) = d.commits();
+    let _ = std::fs::remove_file(&path);
+    (rate, records as f64 / batches as f64)
+}
+
 fn main() {
     let quick = std::env::var_os("STRATA_BENCH_QUICK").is_some();
     let rounds = if quick { 3 } else { 7 };
@@ -403,6 +435,12 @@ fn main() {
         "  8 writers                         {:>9.0} writes/s   {:.2}x 1 writer (target >= 3)",
         eight,
         eight / one
+    );
+    let (s1, _) = store_writers(tmp.path(), 1, (per_writer * 4) as usize, &kib4);
+    let (s8, per8) = store_writers(tmp.path(), 8, per_writer as usize, &kib4);
+    println!(
+        "  store only (no daemon): 1 writer {s1:>6.0} writes/s, 8 writers {s8:>6.0} writes/s ({per8:.1} per commit)   {:.2}x",
+        s8 / s1
     );
     // 5. Redis, same sizes
     println!("Redis (redis-server on a Unix socket, same machine, same run)");
