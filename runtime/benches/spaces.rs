@@ -5,9 +5,12 @@
 //! - 4 KiB cache hit latency against a read through the daemon's Unix socket (target ≤ 0.1×);
 //! - write throughput through a lease buffer (start_write/stop_write) against write through the
 //!   socket, for volatile and durable spaces, 4 KiB and 1 MiB;
+//! - durable 4 KiB writes by group commit: the latency of one writer, and the throughput
+//!   of 8 concurrent writers (own connections, own chunks) against 1 (target ≥ 3×);
 //! - Redis (`redis-server` on a Unix socket, started here: no persistence as the peer of
-//!   volatile spaces, `appendfsync always` as the peer of durable ones) doing GET and SET
-//!   of the same sizes.
+//!   volatile spaces, `appendonly yes` + `appendfsync always` as the peer of durable ones,
+//!   its files on the same filesystem as the daemon's data directory) doing GET and SET
+//!   of the same sizes; a durable 4 KiB write against a Redis SET (target ≤ 1.0×).
 //!
 //! Run: `cargo bench -p strata-runtime --bench spaces`. `STRATA_BENCH_QUICK=1` shortens it
 //! (used by the test script so that it cannot rot).
@@ -166,6 +169,84 @@ fn start_redis(dir: &Path, name: &str, durable: bool) -> Option<(Proc, PathBuf)>
         .ok()?;
     wait_for_socket(&sock, "redis-server");
     Some((Proc(child), sock))
+}
+
+/// Writes per second of `writers` connections each writing 4 KiB to its own chunk of the
+/// durable space `dur`, `per_writer` times (median of `rounds` rounds).
+fn durable_writers(
+    sock: &Path,
+    writers: usize,
+    per_writer: u64,
+    rounds: usize,
+    data: &[u8],
+) -> f64 {
+    let mut clients: Vec<Client> = (0..writers)
+        .map(|_| Client::connect(sock).unwrap())
+        .collect();
+    let mut v: Vec<f64> = (0..rounds)
+        .map(|round| {
+            let start = std::sync::Barrier::new(writers + 1);
+            let t = std::thread::scope(|s| {
+                for (i, c) in clients.iter_mut().enumerate() {
+                    let start = &start;
+                    s.spawn(move || {
+                        let chunk = format!("gc{i}");
+                        // one unmeasured write first: the chunk exists and the connection is warm
+                        if round == 0 {
+                            assert!(matches!(
+                                c.write("dur", &chunk, data).unwrap(),
+                                WriteStatus::Ok(_)
+                            ));
+                        }
+                        start.wait();
+                        for _ in 0..per_writer {
+                            assert!(matches!(
+                                c.write("dur", &chunk, data).unwrap(),
+                                WriteStatus::Ok(_)
+                            ));
+                        }
+                    });
+                }
+                start.wait();
+                Instant::now()
+            });
+            (writers as u64 * per_writer) as f64 / t.elapsed().as_secs_f64()
+        })
+        .collect();
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+/// Records per second of `writers` threads each storing a 4 KiB chunk record `each` times
+/// straight into the spaces' store (redb in `dir`, no daemon), and records per commit.
+fn store_writers(dir: &Path, writers: usize, each: usize, data: &[u8]) -> (f64, f64) {
+    use strata_runtime::space::core::ChunkMeta;
+    use strata_runtime::space::durable::Durable;
+    let path = dir.join(format!("store-{writers}.redb"));
+    let db = std::sync::Arc::new(strata_runtime::store::Db::open(&path).unwrap());
+    let d = Durable::open(db).unwrap();
+    let meta = ChunkMeta {
+        version: 1,
+        valid: true,
+        len: data.len() as u64,
+        crc: 0,
+    };
+    let t = Instant::now();
+    std::thread::scope(|s| {
+        for w in 0..writers {
+            let d = &d;
+            s.spawn(move || {
+                for _ in 0..each {
+                    d.put_chunk("s", &format!("c{w}"), &meta, data.to_vec())
+                        .unwrap();
+                }
+            });
+        }
+    });
+    let rate = (writers * each) as f64 / t.elapsed().as_secs_f64();
+    let (batches, records) = d.commits();
+    let _ = std::fs::remove_file(&path);
+    (rate, records as f64 / batches as f64)
 }
 
 fn main() {
@@ -336,7 +417,32 @@ fn main() {
             results.push((label, size, sock_w, lease_w));
         }
     }
-    // 4. Redis, same sizes
+    // 4. durable 4 KiB writes, concurrent writers sharing fsyncs (group commit)
+    let per_writer = 20 * scale;
+    let one = durable_writers(&sock, 1, per_writer * 4, rounds, &kib4);
+    let eight = durable_writers(&sock, 8, per_writer, rounds, &kib4);
+    let dur_4k = results
+        .iter()
+        .find(|(l, s, _, _)| *l == "durable" && *s == "4 KiB")
+        .map(|x| x.2)
+        .unwrap();
+    println!(
+        "durable 4 KiB writes (write via socket; group commit: concurrent writers share fsyncs)"
+    );
+    println!("  1 writer latency                  {:>9}", fmt_t(dur_4k));
+    println!("  1 writer                          {:>9.0} writes/s", one);
+    println!(
+        "  8 writers                         {:>9.0} writes/s   {:.2}x 1 writer (target >= 3)",
+        eight,
+        eight / one
+    );
+    let (s1, _) = store_writers(tmp.path(), 1, (per_writer * 4) as usize, &kib4);
+    let (s8, per8) = store_writers(tmp.path(), 8, per_writer as usize, &kib4);
+    println!(
+        "  store only (no daemon): 1 writer {s1:>6.0} writes/s, 8 writers {s8:>6.0} writes/s ({per8:.1} per commit)   {:.2}x",
+        s8 / s1
+    );
+    // 5. Redis, same sizes
     println!("Redis (redis-server on a Unix socket, same machine, same run)");
     let redis_ok = Command::new("redis-server")
         .arg("--version")
@@ -383,6 +489,14 @@ fn main() {
                     our_read / get,
                     ours / set
                 );
+                if durable && data.len() == 4096 {
+                    println!(
+                        "  durable 4 KiB write via socket {:>9} against SET with appendfsync always {:>9}: {:.2}x (target <= 1.0)",
+                        fmt_t(dur_4k),
+                        fmt_t(set),
+                        dur_4k / set
+                    );
+                }
             }
         }
     }

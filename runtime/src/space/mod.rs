@@ -17,6 +17,9 @@ pub use strata_space_core as core;
 pub mod durable;
 pub mod spawn;
 
+#[cfg(test)]
+mod crash_tests;
+
 use self::core::{
     Caller, ChunkMeta, ClientId, Core, Effect, Fill, Grant, InvalidateOutcome, JoinError,
     LeaseKind, LeaseOutcome, Limits, Quotas, ReadPlan, SpaceMeta, StopPlan, WaitOutcome, WaiterId,
@@ -144,9 +147,21 @@ impl Spaces {
         socket: PathBuf,
         own_uid: u32,
     ) -> anyhow::Result<Spaces> {
+        let storage = Arc::new(durable::RedbStorage::open(db)?);
+        Spaces::open_with(cfg, storage, data_dir, socket, own_uid)
+    }
+
+    /// [`Spaces::open`] over any storage (tests: [`durable::MemStorage`]).
+    pub fn open_with(
+        cfg: SpaceConfig,
+        storage: Arc<dyn durable::Storage>,
+        data_dir: &std::path::Path,
+        socket: PathBuf,
+        own_uid: u32,
+    ) -> anyhow::Result<Spaces> {
         let host = cfg.host_id.clone().unwrap_or_else(hostname);
         core::check_host_id(&host).map_err(|r| anyhow::anyhow!("{}", r.message))?;
-        let durable = Durable::open(db)?;
+        let durable = Durable::new(storage);
         raise_nofile();
         let canon = std::fs::canonicalize(data_dir).unwrap_or_else(|_| data_dir.to_owned());
         let instance = {
@@ -849,7 +864,7 @@ impl Spaces {
                         }
                     }
                 };
-                self.publish(plan, Some(&payload))
+                self.publish(plan, Some(payload))
             }
             (Then::Reply, Woken::Granted(_)) => write_fail(fail(
                 ReasonKind::Invalid,
@@ -1069,7 +1084,7 @@ impl Spaces {
                     }
                 };
                 drop(g);
-                Step::Done(self.publish(plan, Some(&payload)))
+                Step::Done(self.publish(plan, Some(payload)))
             }
             LeaseOutcome::Queued(id) => self.park(&mut g, id, Then::Write(payload)),
             LeaseOutcome::Fail(r) => Step::Done(write_fail(r)),
@@ -1090,12 +1105,14 @@ impl Spaces {
             Ok(p) => p,
             Err(r) => return write_fail(r),
         };
-        self.publish(plan, (!payload.is_empty()).then_some(&payload[..]))
+        self.publish(plan, (!payload.is_empty()).then_some(payload))
     }
 
     /// Publish a committing lease: copy the payload in (if any), checksum, persist
-    /// (durable), then publish in the core.
-    fn publish(&self, plan: StopPlan, payload: Option<&[u8]>) -> Answer {
+    /// (durable: by group commit, see [`Durable::persist`]), then publish in the core.
+    /// Only the last step takes the spaces' lock: the lease (committing, so neither
+    /// reclaimed nor timed out) keeps the slot and the chunk to this writer meanwhile.
+    fn publish(&self, plan: StopPlan, payload: Option<Vec<u8>>) -> Answer {
         let (region, buffer) = {
             let g = self.lock();
             let buffer = g.leased.get(&plan.lease).map(|l| l.buf.clone());
@@ -1124,21 +1141,24 @@ impl Spaces {
                     })?;
             }
             // the bytes to store (durable spaces) and their checksum
-            let (crc, copied) = match payload {
+            let (crc, bytes) = match payload {
                 Some(p) => {
-                    if !region.write_slot(plan.slot, 0, p) {
+                    if !region.write_slot(plan.slot, 0, &p) {
                         return Err(over());
                     }
-                    (crc32c::crc32c(p), None)
+                    (crc32c::crc32c(&p), p)
                 }
                 None if plan.durable => {
                     let mut buf = Vec::new();
                     if !region.read_slot(plan.slot, plan.len, &mut buf) {
                         return Err(over());
                     }
-                    (crc32c::crc32c(&buf), Some(buf))
+                    (crc32c::crc32c(&buf), buf)
                 }
-                None => (region.slot_crc(plan.slot, plan.len).ok_or_else(over)?, None),
+                None => (
+                    region.slot_crc(plan.slot, plan.len).ok_or_else(over)?,
+                    Vec::new(),
+                ),
             };
             if plan.durable {
                 let meta = ChunkMeta {
@@ -1147,7 +1167,6 @@ impl Spaces {
                     len: plan.len,
                     crc,
                 };
-                let bytes = copied.as_deref().or(payload).unwrap_or_default();
                 self.durable
                     .put_chunk(&plan.space, &plan.chunk, &meta, bytes)
                     .map_err(io_reason)?;
