@@ -50,6 +50,10 @@
 //! event_timeout_ms = 60000            # a synchronous event unanswered this long fails...
 //! timeout_errno = 110                 # ...its operation with this errno (ETIMEDOUT)
 //!
+//! [fs]                                # managed filesystems (FUSE mounts)
+//! max_open_fds = 4096                 # descriptors of backing objects one mount keeps open
+//!                                     # (a cache; at most half of RLIMIT_NOFILE)
+//!
 //! [limits]                            # what one local user can take of the daemon
 //! max_connections = 4096              # open API connections in all (root's not counted)
 //! max_connections_per_uid = 256       # open API connections of one uid (not root's)
@@ -84,6 +88,8 @@ pub struct Config {
     pub spaces: SpaceConfig,
     /// Data management (DMAPI).
     pub dm: crate::dm::service::DmConfig,
+    /// Managed filesystems.
+    pub fs: crate::fs::FsConfig,
     /// What one local user can take of the daemon: connections, bytes, plugin calls.
     pub limits: LimitsConfig,
 }
@@ -298,6 +304,7 @@ impl Default for Config {
             plugins: PluginConfig::default(),
             spaces: SpaceConfig::default(),
             dm: crate::dm::service::DmConfig::default(),
+            fs: crate::fs::FsConfig::default(),
             limits: LimitsConfig::default(),
         }
     }

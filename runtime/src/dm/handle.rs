@@ -143,6 +143,16 @@ impl Handle {
         sys::open_by_handle(mount, self.ktype, &self.kbytes, flags).map_err(io_to_dm)
     }
 
+    /// Open the object with these `open(2)` flags (`O_CLOEXEC` is added), given any
+    /// descriptor of its filesystem: the system call's own error (EMFILE stays EMFILE).
+    pub fn open_io(
+        &self,
+        mount: std::os::fd::BorrowedFd<'_>,
+        flags: i32,
+    ) -> std::io::Result<std::os::fd::OwnedFd> {
+        sys::open_by_handle(&mount, self.ktype, &self.kbytes, flags).map(Into::into)
+    }
+
     /// The object's path (as the kernel sees it now), through its open file.
     pub fn path(&self, mount: &File) -> Result<PathBuf, DmError> {
         let f = self.open(mount, true)?;
@@ -221,7 +231,7 @@ mod sys {
     }
 
     pub fn open_by_handle(
-        mount: &File,
+        mount: &impl AsRawFd,
         ktype: i32,
         bytes: &[u8],
         flags: i32,
