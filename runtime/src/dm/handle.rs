@@ -122,6 +122,22 @@ impl Handle {
         })
     }
 
+    /// The handle of the object `name` names in directory `dir` (not following a final
+    /// symlink): the system call's own error.
+    pub fn of_at(
+        fs: FsId,
+        dir: std::os::fd::BorrowedFd<'_>,
+        name: &std::ffi::OsStr,
+    ) -> std::io::Result<Handle> {
+        let (ktype, kbytes) = sys::kernel_handle(Some(dir), Path::new(name))?;
+        Ok(Handle {
+            fs,
+            kind: HandleKind::Object,
+            ktype,
+            kbytes,
+        })
+    }
+
     /// Open the object read-only (`O_PATH` when `path_only`), given an open directory of
     /// its filesystem: a stale or missing object is EBADF.
     pub fn open(&self, mount: &File, path_only: bool) -> Result<File, DmError> {

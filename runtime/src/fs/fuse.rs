@@ -605,15 +605,30 @@ impl Shared {
 
     /// Look `name` up in `parent`: the node (its lookup count taken) and attributes.
     fn lookup_node(&self, parent: &Node, name: &OsStr) -> Result<(Arc<Node>, FileAttr), i32> {
+        self.lookup_in(parent, name, false)
+    }
+
+    /// [`Shared::lookup_node`]; `fresh`: the name was just made (the kernel cannot know it).
+    fn lookup_in(
+        &self,
+        parent: &Node,
+        name: &OsStr,
+        fresh: bool,
+    ) -> Result<(Arc<Node>, FileAttr), i32> {
         let pfd = self.fd(parent)?;
-        // a node the kernel knows whose descriptor is open: its object is alive, so no
-        // other object has its inode number, and a stat of the name is enough
-        // (a missing name costs this one call)
-        let st = rfs::statat(&pfd, name, AtFlags::SYMLINK_NOFOLLOW).map_err(errno)?;
-        let ino = self.fuse_ino(st.st_ino);
-        if st.st_dev == self.root_dev {
-            if let Some(n) = self.node(ino) {
-                if self.held_fd(&n).is_some() {
+        if !fresh {
+            // a name the kernel knows: a stat of it is enough when its node's descriptor
+            // is open (the object is alive, so no other has its inode number) or when the
+            // name's handle is the node's (same object); a missing name costs one call
+            let st = rfs::statat(&pfd, name, AtFlags::SYMLINK_NOFOLLOW).map_err(errno)?;
+            let ino = self.fuse_ino(st.st_ino);
+            if let Some(n) = self.node(ino).filter(|_| st.st_dev == self.root_dev) {
+                let same = self.held_fd(&n).is_some()
+                    || n.khandle.as_ref().is_some_and(|(t, b)| {
+                        Handle::of_at(self.fs, pfd.as_fd(), name)
+                            .is_ok_and(|h| h.ktype == *t && h.kbytes[..] == b[..])
+                    });
+                if same {
                     let nodes = lock(&self.nodes);
                     if nodes.get(&ino).is_some_and(|m| Arc::ptr_eq(m, &n)) {
                         n.nlookup.fetch_add(1, Ordering::Relaxed);
@@ -823,7 +838,8 @@ impl Shared {
     /// descriptor of it held since before the last link went (a gone object cannot be
     /// opened by its handle any more).
     fn maybe_destroy(&self, node: &Arc<Node>, fd: Option<Arc<OwnedFd>>) {
-        if node.opens.load(Ordering::Acquire) != 0 {
+        if node.opens.load(Ordering::Acquire) != 0 || !self.dm.disposed(self.fs, EventType::Destroy)
+        {
             return;
         }
         let Some(fd) = fd else {
@@ -869,21 +885,29 @@ impl Shared {
     fn own(&self, who: Who, parent: &OwnedFd, name: &OsStr, mode: Option<u32>) -> Result<(), i32> {
         let pst = rfs::fstat(parent).map_err(errno)?;
         let setgid_dir = pst.st_mode & libc::S_ISGID != 0;
-        rfs::chownat(
-            parent,
-            name,
-            Some(rustix::fs::Uid::from_raw(who.uid)),
-            (!setgid_dir).then(|| rustix::fs::Gid::from_raw(who.gid)),
-            AtFlags::SYMLINK_NOFOLLOW,
-        )
-        .map_err(errno)?;
+        // what is already so is not done again (a root caller's objects are the daemon's)
+        let st = rfs::statat(parent, name, AtFlags::SYMLINK_NOFOLLOW).map_err(errno)?;
+        let chown = st.st_uid != who.uid || (!setgid_dir && st.st_gid != who.gid);
+        if chown {
+            rfs::chownat(
+                parent,
+                name,
+                Some(rustix::fs::Uid::from_raw(who.uid)),
+                (!setgid_dir).then(|| rustix::fs::Gid::from_raw(who.gid)),
+                AtFlags::SYMLINK_NOFOLLOW,
+            )
+            .map_err(errno)?;
+        }
         if let Some(m) = mode {
-            let st = rfs::statat(parent, name, AtFlags::SYMLINK_NOFOLLOW).map_err(errno)?;
             let mut m = m & 0o7777;
             if setgid_dir && st.st_mode & libc::S_IFMT == libc::S_IFDIR {
                 m |= libc::S_ISGID;
             }
-            rfs::chmodat(parent, name, Mode::from_raw_mode(m), AtFlags::empty()).map_err(errno)?;
+            // (a chown may have dropped setuid/setgid bits: the mode is set again)
+            if chown || st.st_mode & 0o7777 != m {
+                rfs::chmodat(parent, name, Mode::from_raw_mode(m), AtFlags::empty())
+                    .map_err(errno)?;
+            }
         }
         Ok(())
     }
@@ -941,7 +965,7 @@ impl Shared {
             }
             Ok(())
         });
-        let r = r.and_then(|()| self.lookup_node(parent, name));
+        let r = r.and_then(|()| self.lookup_in(parent, name, true));
         self.post_if(post, parent, || match &r {
             Ok((n, _)) => ns(mode, ph(), self.handle_of(n), name, target, 0),
             Err(e) => ns(mode, ph(), vec![], name, target, *e),
@@ -1567,6 +1591,7 @@ fn fh_file(s: &Shared, file: File) -> (u64, File) {
 
 impl ManagedFs {
     /// Record an open and answer the kernel.
+    #[allow(clippy::too_many_arguments)]
     fn opened(
         &self,
         n: Arc<Node>,
@@ -1975,7 +2000,9 @@ impl Filesystem for ManagedFs {
         _lock_owner: u64,
         reply: ReplyEmpty,
     ) {
-        reply.ok();
+        // nothing to do at a close (no locks, no write-back): ENOSYS makes the kernel stop
+        // sending FLUSH (a round trip per close) and count it a success
+        reply.error(libc::ENOSYS);
     }
 
     fn release(
