@@ -1,10 +1,20 @@
 //! The managed filesystem: a passthrough FUSE filesystem over a backing directory whose
 //! operations raise DMAPI events (see `docs/dmapi.md`).
 //!
-//! Every object the kernel knows is held by an `O_PATH` descriptor of the backing object
-//! (so it keeps its identity across renames and its inode number cannot be reused while the
-//! kernel may still name it), and every operation is an `*at` call relative to those
-//! descriptors. Inode numbers are the backing ones (the backing root's and 1 swap places).
+//! Every object the kernel knows ([`Node`]) is identified by the kernel file handle of its
+//! backing object (`name_to_handle_at`), so it keeps its identity across renames; its
+//! `O_PATH` descriptor, when one is open, lives in a bounded per-mount cache ([`FdCache`],
+//! `[fs] max_open_fds`), and is opened again by handle (`open_by_handle_at`) after an
+//! eviction. The mount's descriptors are thus bounded however many objects the kernel
+//! knows; the node table holds a small record per object until the kernel's FORGET. Open
+//! objects, the root and the objects of a backing filesystem without handles keep their
+//! descriptor pinned. Every operation is an `*at` call relative to those descriptors
+//! (objects are reopened through `/proc/self/fd`, or by handle when no descriptor is
+//! held). Running out of descriptors (EMFILE, ENFILE) closes cached ones and retries once,
+//! with a rate-limited log line. Inode numbers are the backing ones (the backing root's and
+//! 1 swap places); a lookup that finds a known inode number checks that it is the same
+//! object (a descriptor of it is open, or the name's handle is the node's), since a gone
+//! object's number may be reused.
 //!
 //! Files with no managed region are opened with kernel passthrough: their reads, writes
 //! and mmaps never reach the daemon. Files with regions are opened with direct I/O so that
@@ -2260,5 +2270,41 @@ impl Filesystem for ManagedFs {
             Ok(p) => reply.offset(p as i64),
             Err(e) => reply.error(errno(e)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fd() -> Arc<OwnedFd> {
+        Arc::new(OwnedFd::from(File::open("/dev/null").unwrap()))
+    }
+
+    #[test]
+    fn the_descriptor_cache_is_bounded_and_gives_used_entries_a_second_chance() {
+        let mut c = FdCache::new(3);
+        for s in 1..=3 {
+            assert!(c.put(s, fd()).is_none());
+        }
+        assert!(c.get(1).is_some());
+        // full: 1 was used, so 2 goes
+        assert!(c.put(4, fd()).is_some());
+        assert_eq!(c.len(), 3);
+        assert!(c.get(2).is_none());
+        assert!(c.get(1).is_some() && c.get(3).is_some() && c.get(4).is_some());
+        // the same key again replaces its descriptor
+        let again = fd();
+        assert!(c.put(4, again.clone()).is_some());
+        assert!(Arc::ptr_eq(&c.get(4).unwrap(), &again));
+        assert!(c.remove(1).is_some() && c.remove(1).is_none());
+        assert!(c.get(3).is_some() && c.get(4).is_some());
+        assert_eq!(c.shrink(1).len(), 1);
+        assert_eq!(c.len(), 1);
+        for s in 10..20 {
+            let _ = c.put(s, fd());
+            assert!(c.len() <= 3);
+        }
+        assert_eq!(FdCache::new(0).put(1, fd()).map(|_| ()), Some(()));
     }
 }
