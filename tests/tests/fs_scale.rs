@@ -177,6 +177,62 @@ fn extracting_and_removing_30k_files_keeps_descriptors_bounded() {
     );
 }
 
+/// With a cache of 2 descriptors every object is opened again by its handle: identity
+/// across renames, backing inode numbers, hard links, unlinked open files, xattrs.
+#[test]
+fn objects_keep_their_identity_when_their_descriptors_are_evicted() {
+    use std::io::Read;
+    use std::os::unix::fs::MetadataExt;
+    need_root();
+    let d = Daemon::start_with("[fs]\nmax_open_fds = 2\n");
+    let m = d.mount("ident", &[], |_| {});
+    let a = m.mnt.join("a");
+    std::fs::create_dir(&a).unwrap();
+    std::fs::write(a.join("f"), b"data").unwrap();
+    std::fs::hard_link(a.join("f"), a.join("g")).unwrap();
+    let ino = std::fs::metadata(a.join("f")).unwrap().ino();
+    assert_eq!(ino, std::fs::metadata(m.backing.join("a/f")).unwrap().ino());
+    let mut open = std::fs::File::open(a.join("f")).unwrap();
+    for i in 0..50 {
+        std::fs::write(m.mnt.join(format!("other{i}")), b"o").unwrap();
+    }
+    std::fs::rename(&a, m.mnt.join("b")).unwrap();
+    for i in 0..50 {
+        let _ = std::fs::metadata(m.mnt.join(format!("other{i}"))).unwrap();
+    }
+    let b = m.mnt.join("b");
+    let (f, g) = (
+        std::fs::metadata(b.join("f")).unwrap(),
+        std::fs::metadata(b.join("g")).unwrap(),
+    );
+    assert_eq!((f.ino(), g.ino(), f.nlink()), (ino, ino, 2));
+    assert_eq!(std::fs::read(b.join("g")).unwrap(), b"data");
+    let st = Command::new("setfattr")
+        .args(["-n", "user.k", "-v", "v"])
+        .arg(b.join("g"))
+        .status();
+    if st.is_ok_and(|s| s.success()) {
+        let out = Command::new("getfattr")
+            .args(["-n", "user.k", "--only-values"])
+            .arg(b.join("f"))
+            .output()
+            .unwrap();
+        assert_eq!(out.stdout, b"v");
+    }
+    std::fs::remove_file(b.join("f")).unwrap();
+    std::fs::remove_file(b.join("g")).unwrap();
+    for i in 0..50 {
+        std::fs::remove_file(m.mnt.join(format!("other{i}"))).unwrap();
+    }
+    let mut buf = Vec::new();
+    open.read_to_end(&mut buf).unwrap();
+    assert_eq!(buf, b"data");
+    assert_eq!(open.metadata().unwrap().nlink(), 0);
+    drop(open);
+    std::fs::remove_dir(&b).unwrap();
+    assert_eq!(std::fs::read_dir(&m.mnt).unwrap().count(), 0);
+}
+
 /// The descriptor limit drops under the mount's cache after it was mounted: the mount runs
 /// out of descriptors, says so in the log, closes cached ones and goes on.
 #[test]
