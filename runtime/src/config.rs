@@ -23,6 +23,8 @@ pub struct Config {
     pub spaces: SpaceConfig,
     /// Data management (DMAPI).
     pub dm: crate::dm::service::DmConfig,
+    /// Managed filesystems.
+    pub fs: crate::fs::FsConfig,
     /// What one local user can take of the daemon: connections, bytes, plugin calls.
     pub limits: LimitsConfig,
 }
@@ -237,6 +239,7 @@ impl Default for Config {
             plugins: PluginConfig::default(),
             spaces: SpaceConfig::default(),
             dm: crate::dm::service::DmConfig::default(),
+            fs: crate::fs::FsConfig::default(),
             limits: LimitsConfig::default(),
         }
     }

@@ -1,10 +1,20 @@
 //! The managed filesystem: a passthrough FUSE filesystem over a backing directory whose
 //! operations raise DMAPI events (see `docs/dmapi.md`).
 //!
-//! Every object the kernel knows is held by an `O_PATH` descriptor of the backing object
-//! (so it keeps its identity across renames and its inode number cannot be reused while the
-//! kernel may still name it), and every operation is an `*at` call relative to those
-//! descriptors. Inode numbers are the backing ones (the backing root's and 1 swap places).
+//! Every object the kernel knows ([`Node`]) is identified by the kernel file handle of its
+//! backing object (`name_to_handle_at`), so it keeps its identity across renames; its
+//! `O_PATH` descriptor, when one is open, lives in a bounded per-mount cache ([`FdCache`],
+//! `[fs] max_open_fds`), and is opened again by handle (`open_by_handle_at`) after an
+//! eviction. The mount's descriptors are thus bounded however many objects the kernel
+//! knows; the node table holds a small record per object until the kernel's FORGET. Open
+//! objects, the root and the objects of a backing filesystem without handles keep their
+//! descriptor pinned. Every operation is an `*at` call relative to those descriptors
+//! (objects are reopened through `/proc/self/fd`, or by handle when no descriptor is
+//! held). Running out of descriptors (EMFILE, ENFILE) closes cached ones and retries once,
+//! with a rate-limited log line. Inode numbers are the backing ones (the backing root's and
+//! 1 swap places); a lookup that finds a known inode number checks that it is the same
+//! object (a descriptor of it is open, or the name's handle is the node's), since a gone
+//! object's number may be reused.
 //!
 //! Files with no managed region are opened with kernel passthrough: their reads, writes
 //! and mmaps never reach the daemon. Files with regions are opened with direct I/O so that
@@ -33,7 +43,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// How long the kernel may cache entries and attributes. DM calls that change an object
@@ -51,17 +61,27 @@ thread_local! {
     static ON_DISPATCH: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
-/// An object the kernel knows.
+/// An object the kernel knows. It holds no descriptor of its own (but see `pin`): it is
+/// found again by its kernel file handle, and its `O_PATH` descriptor, when one is open,
+/// is in the mount's bounded cache ([`FdCache`]).
 pub struct Node {
     /// The FUSE inode number.
     pub ino: u64,
-    /// `O_PATH` descriptor of the backing object.
-    pub fd: OwnedFd,
+    /// Unique among the nodes of the mount (a node replaced by another of the same inode
+    /// number has another): the key of its descriptor in the cache.
+    serial: u64,
+    /// The backing object's kernel file handle (`name_to_handle_at`): type and bytes.
+    /// `None`: the backing filesystem gives none, and the node keeps its descriptor in
+    /// `pin` for as long as the kernel knows it.
+    khandle: Option<(i32, Box<[u8]>)>,
+    /// A descriptor kept whatever the cache does: the root's, that of an object with no
+    /// handle, and that of an open object (an unlinked open file must still be reached,
+    /// and its DESTROY event reads its attributes after the last close).
+    pin: Mutex<Option<Arc<OwnedFd>>>,
     nlookup: AtomicU64,
     /// Open files of the object.
     pub opens: AtomicU32,
     destroyed: AtomicBool,
-    handle: OnceLock<Vec<u8>>,
     /// Serializes appends served by the daemon (end of file, then write).
     append: Mutex<()>,
     /// The backing file registered with the kernel for passthrough, while some open uses
@@ -74,9 +94,127 @@ pub struct Node {
 }
 
 impl Node {
-    /// A path that reaches the object through its descriptor.
-    pub fn proc_path(&self) -> PathBuf {
-        PathBuf::from(format!("/proc/self/fd/{}", self.fd.as_raw_fd()))
+    fn new(
+        ino: u64,
+        serial: u64,
+        khandle: Option<(i32, Box<[u8]>)>,
+        pin: Option<Arc<OwnedFd>>,
+    ) -> Node {
+        Node {
+            ino,
+            serial,
+            khandle,
+            pin: Mutex::new(pin),
+            nlookup: AtomicU64::new(1),
+            opens: AtomicU32::new(0),
+            destroyed: AtomicBool::new(false),
+            append: Mutex::new(()),
+            passthrough: Mutex::new((Weak::new(), false)),
+            served: AtomicU32::new(0),
+        }
+    }
+
+    fn pinned(&self) -> Option<Arc<OwnedFd>> {
+        lock(&self.pin).clone()
+    }
+}
+
+/// A path that reaches an object through a descriptor of it.
+pub fn proc_path(fd: &impl AsRawFd) -> PathBuf {
+    PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+}
+
+/// The mount's open `O_PATH` descriptors of the nodes the kernel knows: at most `cap`,
+/// evicted in CLOCK order (an approximation of least recently used: a used entry gets a
+/// second chance). A node whose descriptor was evicted is opened again by its handle.
+/// Evicted descriptors are returned to the caller, to be closed outside the lock.
+struct FdCache {
+    cap: usize,
+    /// (node serial, descriptor, used since the hand last passed).
+    slots: Vec<(u64, Arc<OwnedFd>, bool)>,
+    index: HashMap<u64, usize>,
+    hand: usize,
+}
+
+impl FdCache {
+    fn new(cap: usize) -> FdCache {
+        FdCache {
+            cap,
+            slots: Vec::new(),
+            index: HashMap::new(),
+            hand: 0,
+        }
+    }
+
+    fn get(&mut self, serial: u64) -> Option<Arc<OwnedFd>> {
+        let i = *self.index.get(&serial)?;
+        let slot = &mut self.slots[i];
+        slot.2 = true;
+        Some(slot.1.clone())
+    }
+
+    /// Cache `fd` as node `serial`'s: the descriptor it replaces or evicts, if any.
+    #[must_use]
+    fn put(&mut self, serial: u64, fd: Arc<OwnedFd>) -> Option<Arc<OwnedFd>> {
+        if self.cap == 0 {
+            return Some(fd);
+        }
+        if let Some(&i) = self.index.get(&serial) {
+            self.slots[i].2 = true;
+            return Some(std::mem::replace(&mut self.slots[i].1, fd));
+        }
+        if self.slots.len() < self.cap {
+            self.index.insert(serial, self.slots.len());
+            self.slots.push((serial, fd, false));
+            return None;
+        }
+        loop {
+            if self.hand >= self.slots.len() {
+                self.hand = 0;
+            }
+            let slot = &mut self.slots[self.hand];
+            if slot.2 {
+                slot.2 = false;
+                self.hand += 1;
+                continue;
+            }
+            let (old, old_fd, _) = std::mem::replace(slot, (serial, fd, false));
+            self.index.remove(&old);
+            self.index.insert(serial, self.hand);
+            self.hand += 1;
+            return Some(old_fd);
+        }
+    }
+
+    #[must_use]
+    fn remove(&mut self, serial: u64) -> Option<Arc<OwnedFd>> {
+        let i = self.index.remove(&serial)?;
+        let (_, fd, _) = self.slots.swap_remove(i);
+        if let Some(moved) = self.slots.get(i) {
+            self.index.insert(moved.0, i);
+        }
+        Some(fd)
+    }
+
+    /// Evict entries until at most `keep` are left.
+    #[must_use]
+    fn shrink(&mut self, keep: usize) -> Vec<Arc<OwnedFd>> {
+        let mut out = Vec::new();
+        while self.slots.len() > keep {
+            let Some((serial, fd, _)) = self.slots.pop() else {
+                break;
+            };
+            self.index.remove(&serial);
+            out.push(fd);
+        }
+        if self.hand >= self.slots.len() {
+            self.hand = 0;
+        }
+        out
+    }
+
+    fn len(&self) -> usize {
+        self.slots.len()
     }
 }
 
@@ -172,6 +310,14 @@ pub struct Shared {
     root_dev: u64,
     root_ino: u64,
     nodes: Mutex<HashMap<u64, Arc<Node>>>,
+    next_serial: AtomicU64,
+    /// Open `O_PATH` descriptors of nodes (bounded).
+    fds: Mutex<FdCache>,
+    /// The backing filesystem refused a file handle (logged once).
+    no_handles: AtomicBool,
+    /// The backing root opened for reading: `open_by_handle_at` wants a descriptor of the
+    /// filesystem that is not `O_PATH`.
+    mount_fd: OwnedFd,
     opens: Mutex<HashMap<u64, Arc<Open>>>,
     dirs: Mutex<HashMap<u64, Arc<DirList>>>,
     next_fh: AtomicU64,
@@ -187,27 +333,47 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Shared {
-    /// The state of a mount of `backing` (an open directory) as filesystem `fs`.
+    /// The state of a mount of `backing` (an open directory) as filesystem `fs`, keeping
+    /// at most `max_open_fds` descriptors of the objects the kernel knows open (and at most
+    /// half of what RLIMIT_NOFILE lets the daemon open).
     pub fn new(
         fs: FsId,
         dm: Arc<Dm>,
         backing: OwnedFd,
         read_only: bool,
+        max_open_fds: usize,
     ) -> std::io::Result<Shared> {
         let st = rfs::fstat(&backing)?;
-        let root = Arc::new(Node {
-            ino: fuser::FUSE_ROOT_ID,
-            fd: backing,
-            nlookup: AtomicU64::new(1),
-            opens: AtomicU32::new(0),
-            destroyed: AtomicBool::new(false),
-            handle: OnceLock::new(),
-            append: Mutex::new(()),
-            passthrough: Mutex::new((Weak::new(), false)),
-            served: AtomicU32::new(0),
-        });
+        let mount_fd = rfs::openat(
+            &backing,
+            ".",
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
+        let khandle = Handle::of_fd(fs, backing.as_fd())
+            .ok()
+            .map(|h| (h.ktype, h.kbytes.into_boxed_slice()));
+        let no_handles = khandle.is_none();
+        let root = Arc::new(Node::new(
+            fuser::FUSE_ROOT_ID,
+            0,
+            khandle,
+            Some(Arc::new(backing)),
+        ));
         let mut nodes = HashMap::new();
         nodes.insert(fuser::FUSE_ROOT_ID, root.clone());
+        let nofile = rustix::process::getrlimit(rustix::process::Resource::Nofile)
+            .current
+            .unwrap_or(u64::MAX);
+        let cap = max_open_fds.min(usize::try_from(nofile / 2).unwrap_or(usize::MAX));
+        if no_handles {
+            tracing::warn!(
+                fs,
+                "the backing filesystem gives no file handles: every object the kernel knows \
+                 keeps a descriptor open (a large tree may exhaust the daemon's descriptors)"
+            );
+        }
+        tracing::info!(fs, max_open_fds = cap, "descriptor cache");
         Ok(Shared {
             fs,
             dm,
@@ -216,6 +382,10 @@ impl Shared {
             root_dev: st.st_dev,
             root_ino: st.st_ino,
             nodes: Mutex::new(nodes),
+            next_serial: AtomicU64::new(1),
+            fds: Mutex::new(FdCache::new(cap)),
+            no_handles: AtomicBool::new(no_handles),
+            mount_fd,
             opens: Mutex::new(HashMap::new()),
             dirs: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
@@ -261,6 +431,102 @@ impl Shared {
 
     fn node_or(&self, ino: u64) -> Result<Arc<Node>, i32> {
         self.node(ino).ok_or(libc::ESTALE)
+    }
+
+    /// The node's descriptor if one is open (pinned or cached), without opening one.
+    fn held_fd(&self, node: &Node) -> Option<Arc<OwnedFd>> {
+        node.pinned().or_else(|| lock(&self.fds).get(node.serial))
+    }
+
+    /// An `O_PATH` descriptor of the node's object: the one held, or one opened again by
+    /// its handle (and cached). A gone object is ESTALE.
+    fn fd(&self, node: &Node) -> Result<Arc<OwnedFd>, i32> {
+        if let Some(fd) = self.held_fd(node) {
+            return Ok(fd);
+        }
+        let fd = Arc::new(self.by_handle(node, libc::O_PATH)?);
+        self.cache(node, fd.clone());
+        Ok(fd)
+    }
+
+    /// Keep `fd` as the node's descriptor in the cache (unless the node has one pinned).
+    fn cache(&self, node: &Node, fd: Arc<OwnedFd>) {
+        if node.pinned().is_some() {
+            return;
+        }
+        let evicted = lock(&self.fds).put(node.serial, fd);
+        drop(evicted);
+    }
+
+    /// Open the node's object by its handle with these `open(2)` flags.
+    fn by_handle(&self, node: &Node, flags: i32) -> Result<OwnedFd, i32> {
+        let Some((ktype, kbytes)) = &node.khandle else {
+            // no handle: the node keeps its descriptor pinned; it was dropped (cannot be)
+            return Err(libc::ESTALE);
+        };
+        let h = Handle {
+            fs: self.fs,
+            kind: crate::dm::handle::HandleKind::Object,
+            ktype: *ktype,
+            kbytes: kbytes.to_vec(),
+        };
+        self.retry_fds(|| h.open_io(self.mount_fd.as_fd(), flags).map_err(io_errno))
+            .map_err(|e| if e == libc::ENOENT { libc::ESTALE } else { e })
+    }
+
+    /// Open the node's object with these `open(2)` flags (not `O_PATH`): through its
+    /// descriptor when one is held, else by its handle (no `O_PATH` descriptor is opened
+    /// for it).
+    fn reopen(&self, node: &Node, flags: OFlags) -> Result<OwnedFd, i32> {
+        match self.held_fd(node) {
+            Some(fd) => self.retry_fds(|| {
+                rfs::openat(
+                    rfs::CWD,
+                    proc_path(&fd),
+                    flags | OFlags::CLOEXEC,
+                    Mode::empty(),
+                )
+                .map_err(errno)
+            }),
+            None if node.khandle.is_some() => self.by_handle(node, flags.bits() as i32),
+            None => Err(libc::ESTALE),
+        }
+    }
+
+    /// Run something that opens a descriptor; when the daemon is out of descriptors
+    /// (EMFILE, ENFILE), say so (rate-limited), close half of the cached ones and try
+    /// once more.
+    fn retry_fds<T>(&self, mut f: impl FnMut() -> Result<T, i32>) -> Result<T, i32> {
+        static LIMIT: strata_common::ratelimit::LogLimit =
+            strata_common::ratelimit::LogLimit::new(3, Duration::from_secs(10));
+        match f() {
+            Err(e @ (libc::EMFILE | libc::ENFILE)) => {
+                let evicted = {
+                    let mut c = lock(&self.fds);
+                    let keep = c.len() / 2;
+                    c.shrink(keep)
+                };
+                let closed = evicted.len();
+                drop(evicted);
+                let r = f();
+                strata_common::log_limited!(
+                    LIMIT,
+                    warn,
+                    fs = self.fs,
+                    closed,
+                    recovered = r.is_ok(),
+                    "out of descriptors ({}): closed cached descriptors and tried again \
+                     (lower [fs] max_open_fds or raise the daemon's RLIMIT_NOFILE)",
+                    if e == libc::EMFILE {
+                        "EMFILE"
+                    } else {
+                        "ENFILE"
+                    }
+                );
+                r
+            }
+            r => r,
+        }
     }
 
     /// Whether some process maps the object (through the mount or, for passthrough files,
@@ -343,20 +609,55 @@ impl Shared {
     }
 
     fn stat(&self, node: &Node) -> Result<(rfs::Stat, FileAttr), i32> {
-        let st = rfs::fstat(&node.fd).map_err(errno)?;
+        let st = rfs::fstat(self.fd(node)?).map_err(errno)?;
         let a = self.attr(&st);
         Ok((st, a))
     }
 
     /// Look `name` up in `parent`: the node (its lookup count taken) and attributes.
     fn lookup_node(&self, parent: &Node, name: &OsStr) -> Result<(Arc<Node>, FileAttr), i32> {
-        let fd = rfs::openat(
-            &parent.fd,
-            name,
-            OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-            Mode::empty(),
-        )
-        .map_err(errno)?;
+        self.lookup_in(parent, name, false)
+    }
+
+    /// [`Shared::lookup_node`]; `fresh`: the name was just made (the kernel cannot know it).
+    fn lookup_in(
+        &self,
+        parent: &Node,
+        name: &OsStr,
+        fresh: bool,
+    ) -> Result<(Arc<Node>, FileAttr), i32> {
+        let pfd = self.fd(parent)?;
+        if !fresh {
+            // a name the kernel knows: a stat of it is enough when its node's descriptor
+            // is open (the object is alive, so no other has its inode number) or when the
+            // name's handle is the node's (same object); a missing name costs one call
+            let st = rfs::statat(&pfd, name, AtFlags::SYMLINK_NOFOLLOW).map_err(errno)?;
+            let ino = self.fuse_ino(st.st_ino);
+            if let Some(n) = self.node(ino).filter(|_| st.st_dev == self.root_dev) {
+                let same = self.held_fd(&n).is_some()
+                    || n.khandle.as_ref().is_some_and(|(t, b)| {
+                        Handle::of_at(self.fs, pfd.as_fd(), name)
+                            .is_ok_and(|h| h.ktype == *t && h.kbytes[..] == b[..])
+                    });
+                if same {
+                    let nodes = lock(&self.nodes);
+                    if nodes.get(&ino).is_some_and(|m| Arc::ptr_eq(m, &n)) {
+                        n.nlookup.fetch_add(1, Ordering::Relaxed);
+                        drop(nodes);
+                        return Ok((n, self.attr(&st)));
+                    }
+                }
+            }
+        }
+        let fd = self.retry_fds(|| {
+            rfs::openat(
+                &pfd,
+                name,
+                OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+            .map_err(errno)
+        })?;
         let st = rfs::fstat(&fd).map_err(errno)?;
         if st.st_dev != self.root_dev {
             // another filesystem mounted inside the backing directory: inode numbers
@@ -364,30 +665,46 @@ impl Shared {
             return Err(libc::EXDEV);
         }
         let ino = self.fuse_ino(st.st_ino);
-        let (node, new) = {
+        let khandle = match Handle::of_fd(self.fs, fd.as_fd()) {
+            Ok(h) => Some((h.ktype, h.kbytes.into_boxed_slice())),
+            Err(e) => {
+                if !self.no_handles.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(
+                        fs = self.fs,
+                        "the backing filesystem gives no file handle ({e:?}): such objects \
+                         keep a descriptor open while the kernel knows them"
+                    );
+                }
+                None
+            }
+        };
+        let fd = Arc::new(fd);
+        let (node, new, replaced) = {
             let mut nodes = lock(&self.nodes);
             match nodes.get(&ino) {
-                Some(n) => {
+                Some(n) if n.khandle == khandle => {
                     n.nlookup.fetch_add(1, Ordering::Relaxed);
-                    (n.clone(), false)
+                    (n.clone(), false, None)
                 }
-                None => {
-                    let n = Arc::new(Node {
-                        ino,
-                        fd,
-                        nlookup: AtomicU64::new(1),
-                        opens: AtomicU32::new(0),
-                        destroyed: AtomicBool::new(false),
-                        handle: OnceLock::new(),
-                        append: Mutex::new(()),
-                        passthrough: Mutex::new((Weak::new(), false)),
-                        served: AtomicU32::new(0),
-                    });
-                    nodes.insert(ino, n.clone());
-                    (n, true)
+                other => {
+                    // new, or an object that took the inode number of one the kernel
+                    // still knows (gone since, its descriptor closed): the number now
+                    // names this one, with the lookups the kernel counted
+                    let before = other.map_or(0, |o| o.nlookup.load(Ordering::Relaxed));
+                    let serial = self.next_serial.fetch_add(1, Ordering::Relaxed);
+                    let pin = khandle.is_none().then(|| fd.clone());
+                    let n = Arc::new(Node::new(ino, serial, khandle, pin));
+                    n.nlookup.fetch_add(before, Ordering::Relaxed);
+                    let old = nodes.insert(ino, n.clone());
+                    (n, old.is_none(), old)
                 }
             }
         };
+        if let Some(old) = replaced {
+            let evicted = lock(&self.fds).remove(old.serial);
+            drop(evicted);
+        }
+        self.cache(&node, fd);
         if new && self.generated(EventType::Debut, &node) {
             self.post(
                 EventType::Debut,
@@ -408,25 +725,36 @@ impl Shared {
         if ino == fuser::FUSE_ROOT_ID {
             return;
         }
-        let mut nodes = lock(&self.nodes);
-        if let Some(node) = nodes.get(&ino) {
+        let gone = {
+            let mut nodes = lock(&self.nodes);
+            let Some(node) = nodes.get(&ino) else {
+                return;
+            };
             let left = node.nlookup.load(Ordering::Relaxed).saturating_sub(n);
             node.nlookup.store(left, Ordering::Relaxed);
-            if left == 0 {
-                nodes.remove(&ino);
+            if left != 0 {
+                return;
             }
+            nodes.remove(&ino)
+        };
+        if let Some(node) = gone {
+            let evicted = lock(&self.fds).remove(node.serial);
+            drop(evicted);
         }
     }
 
-    /// The DM handle of a node.
+    /// The DM handle of a node (empty when the backing filesystem gives none).
     pub fn handle_of(&self, node: &Node) -> Vec<u8> {
-        node.handle
-            .get_or_init(|| {
-                Handle::of_fd(self.fs, node.fd.as_fd())
-                    .map(|h| h.encode())
-                    .unwrap_or_default()
-            })
-            .clone()
+        match &node.khandle {
+            Some((ktype, kbytes)) => Handle {
+                fs: self.fs,
+                kind: crate::dm::handle::HandleKind::Object,
+                ktype: *ktype,
+                kbytes: kbytes.to_vec(),
+            }
+            .encode(),
+            None => vec![],
+        }
     }
 
     /// The filesystem's handle.
@@ -441,7 +769,9 @@ impl Shared {
             return false;
         };
         fs_events.contains(kind)
-            || attrs::get_eventlist(&obj.proc_path()).is_ok_and(|s| s.contains(kind))
+            || self.fd(obj).is_ok_and(|fd| {
+                attrs::get_eventlist(&proc_path(&fd)).is_ok_and(|s| s.contains(kind))
+            })
     }
 
     /// A synchronous event about `obj` (when generated): waits for the answer.
@@ -505,24 +835,48 @@ impl Shared {
         self.dm.may_block(self.fs)
     }
 
-    /// The last link and the last open of `node` are gone: DESTROY (once).
-    fn maybe_destroy(&self, node: &Arc<Node>) {
-        if node.opens.load(Ordering::Acquire) != 0 {
+    /// A descriptor of `node` to keep across an operation that may remove its last link,
+    /// for [`Shared::maybe_destroy`]; `None` when no DESTROY event could be raised for it
+    /// (then none is opened).
+    fn destroy_fd(&self, node: &Node) -> Option<Arc<OwnedFd>> {
+        if !self.dm.disposed(self.fs, EventType::Destroy) {
+            return None;
+        }
+        self.fd(node).ok()
+    }
+
+    /// The last link and the last open of `node` are gone: DESTROY (once). `fd`: a
+    /// descriptor of it held since before the last link went (a gone object cannot be
+    /// opened by its handle any more).
+    fn maybe_destroy(&self, node: &Arc<Node>, fd: Option<Arc<OwnedFd>>) {
+        if node.opens.load(Ordering::Acquire) != 0 || !self.dm.disposed(self.fs, EventType::Destroy)
+        {
             return;
         }
-        let Ok(st) = rfs::fstat(&node.fd) else {
+        let Some(fd) = fd else {
+            return;
+        };
+        let Ok(st) = rfs::fstat(&fd) else {
             return;
         };
         if st.st_nlink != 0 || node.destroyed.swap(true, Ordering::AcqRel) {
             return;
         }
-        if !self.generated(EventType::Destroy, node) {
+        let generated = self
+            .dm
+            .disposed_events(self.fs, EventType::Destroy)
+            .is_some_and(|fs_events| {
+                fs_events.contains(EventType::Destroy)
+                    || attrs::get_eventlist(&proc_path(&fd))
+                        .is_ok_and(|s| s.contains(EventType::Destroy))
+            });
+        if !generated {
             return;
         }
         let (attr_name, attr_copy) = match self.dm.fs_record(self.fs).and_then(|r| r.destroy_attr) {
             Some(name) => (
                 name,
-                attrs::get_dmattr(&node.proc_path(), &name).unwrap_or_default(),
+                attrs::get_dmattr(&proc_path(&fd), &name).unwrap_or_default(),
             ),
             None => ([0; 8], vec![]),
         };
@@ -539,25 +893,32 @@ impl Shared {
     /// Make `name` in `parent` belong to the caller (the daemon creates as root), with
     /// exactly `mode` (the caller's umask is applied by the kernel; the daemon's must not
     /// be).
-    fn own(&self, who: Who, parent: &Node, name: &OsStr, mode: Option<u32>) -> Result<(), i32> {
-        let pst = rfs::fstat(&parent.fd).map_err(errno)?;
+    fn own(&self, who: Who, parent: &OwnedFd, name: &OsStr, mode: Option<u32>) -> Result<(), i32> {
+        let pst = rfs::fstat(parent).map_err(errno)?;
         let setgid_dir = pst.st_mode & libc::S_ISGID != 0;
-        rfs::chownat(
-            &parent.fd,
-            name,
-            Some(rustix::fs::Uid::from_raw(who.uid)),
-            (!setgid_dir).then(|| rustix::fs::Gid::from_raw(who.gid)),
-            AtFlags::SYMLINK_NOFOLLOW,
-        )
-        .map_err(errno)?;
+        // what is already so is not done again (a root caller's objects are the daemon's)
+        let st = rfs::statat(parent, name, AtFlags::SYMLINK_NOFOLLOW).map_err(errno)?;
+        let chown = st.st_uid != who.uid || (!setgid_dir && st.st_gid != who.gid);
+        if chown {
+            rfs::chownat(
+                parent,
+                name,
+                Some(rustix::fs::Uid::from_raw(who.uid)),
+                (!setgid_dir).then(|| rustix::fs::Gid::from_raw(who.gid)),
+                AtFlags::SYMLINK_NOFOLLOW,
+            )
+            .map_err(errno)?;
+        }
         if let Some(m) = mode {
-            let st = rfs::statat(&parent.fd, name, AtFlags::SYMLINK_NOFOLLOW).map_err(errno)?;
             let mut m = m & 0o7777;
             if setgid_dir && st.st_mode & libc::S_IFMT == libc::S_IFDIR {
                 m |= libc::S_ISGID;
             }
-            rfs::chmodat(&parent.fd, name, Mode::from_raw_mode(m), AtFlags::empty())
-                .map_err(errno)?;
+            // (a chown may have dropped setuid/setgid bits: the mode is set again)
+            if chown || st.st_mode & 0o7777 != m {
+                rfs::chmodat(parent, name, Mode::from_raw_mode(m), AtFlags::empty())
+                    .map_err(errno)?;
+            }
         }
         Ok(())
     }
@@ -581,28 +942,29 @@ impl Shared {
         };
         let ph = || self.handle_of(parent);
         self.pre(who, pre, parent, || ns(mode, ph(), vec![], name, target, 0))?;
+        let pfd = self.fd(parent)?;
         let r = self.nospace(who, || {
             match &what {
                 Make::Node(rdev) => rfs::mknodat(
-                    &parent.fd,
+                    &pfd,
                     name,
                     rfs::FileType::from_raw_mode(mode),
                     Mode::from_raw_mode(mode & 0o7777),
                     *rdev,
                 ),
-                Make::Dir => rfs::mkdirat(&parent.fd, name, Mode::from_raw_mode(mode & 0o7777)),
-                Make::Symlink(t) => rfs::symlinkat(*t, &parent.fd, name),
+                Make::Dir => rfs::mkdirat(&pfd, name, Mode::from_raw_mode(mode & 0o7777)),
+                Make::Symlink(t) => rfs::symlinkat(*t, &pfd, name),
             }
             .map_err(errno)?;
             let own = self.own(
                 who,
-                parent,
+                &pfd,
                 name,
                 (!matches!(what, Make::Symlink(_))).then_some(mode),
             );
             if let Err(e) = own {
                 let _ = rfs::unlinkat(
-                    &parent.fd,
+                    &pfd,
                     name,
                     if matches!(what, Make::Dir) {
                         AtFlags::REMOVEDIR
@@ -614,7 +976,7 @@ impl Shared {
             }
             Ok(())
         });
-        let r = r.and_then(|()| self.lookup_node(parent, name));
+        let r = r.and_then(|()| self.lookup_in(parent, name, true));
         self.post_if(post, parent, || match &r {
             Ok((n, _)) => ns(mode, ph(), self.handle_of(n), name, target, 0),
             Err(e) => ns(mode, ph(), vec![], name, target, *e),
@@ -623,14 +985,16 @@ impl Shared {
     }
 
     fn remove(&self, who: Who, parent: &Arc<Node>, name: &OsStr, dir: bool) -> Result<(), i32> {
-        let st = rfs::statat(&parent.fd, name, AtFlags::SYMLINK_NOFOLLOW).map_err(errno)?;
+        let pfd = self.fd(parent)?;
+        let st = rfs::statat(&pfd, name, AtFlags::SYMLINK_NOFOLLOW).map_err(errno)?;
         let victim = self.node(self.fuse_ino(st.st_ino));
         let ph = || self.handle_of(parent);
         self.pre(who, EventType::Remove, parent, || {
             ns(st.st_mode, ph(), vec![], name, OsStr::new(""), 0)
         })?;
+        let vfd = victim.as_ref().and_then(|v| self.destroy_fd(v));
         let r = rfs::unlinkat(
-            &parent.fd,
+            &pfd,
             name,
             if dir {
                 AtFlags::REMOVEDIR
@@ -650,7 +1014,7 @@ impl Shared {
             )
         });
         if let (Ok(()), Some(v)) = (&r, victim) {
-            self.maybe_destroy(&v);
+            self.maybe_destroy(&v, vfd);
         }
         r
     }
@@ -665,8 +1029,9 @@ impl Shared {
         newname: &OsStr,
         flags: u32,
     ) -> Result<(), i32> {
-        let st = rfs::statat(&parent.fd, name, AtFlags::SYMLINK_NOFOLLOW).map_err(errno)?;
-        let victim = rfs::statat(&newparent.fd, newname, AtFlags::SYMLINK_NOFOLLOW)
+        let (pfd, npfd) = (self.fd(parent)?, self.fd(newparent)?);
+        let st = rfs::statat(&pfd, name, AtFlags::SYMLINK_NOFOLLOW).map_err(errno)?;
+        let victim = rfs::statat(&npfd, newname, AtFlags::SYMLINK_NOFOLLOW)
             .ok()
             .and_then(|v| self.node(self.fuse_ino(v.st_ino)));
         let h = || (self.handle_of(parent), self.handle_of(newparent));
@@ -674,10 +1039,11 @@ impl Shared {
             let (a, b) = h();
             ns(st.st_mode, a, b, name, newname, 0)
         })?;
+        let vfd = victim.as_ref().and_then(|v| self.destroy_fd(v));
         let r = rfs::renameat_with(
-            &parent.fd,
+            &pfd,
             name,
-            &newparent.fd,
+            &npfd,
             newname,
             rfs::RenameFlags::from_bits_retain(flags),
         )
@@ -687,7 +1053,7 @@ impl Shared {
             ns(st.st_mode, a, b, name, newname, r.err().unwrap_or(0))
         });
         if let (Ok(()), Some(v)) = (&r, victim) {
-            self.maybe_destroy(&v);
+            self.maybe_destroy(&v, vfd);
         }
         r
     }
@@ -699,7 +1065,8 @@ impl Shared {
         newparent: &Arc<Node>,
         newname: &OsStr,
     ) -> Result<FileAttr, i32> {
-        let st = rfs::fstat(&node.fd).map_err(errno)?;
+        let (fd, npfd) = (self.fd(node)?, self.fd(newparent)?);
+        let st = rfs::fstat(&fd).map_err(errno)?;
         let h = || (self.handle_of(newparent), self.handle_of(node));
         self.pre(who, EventType::Link, newparent, || {
             let (a, b) = h();
@@ -707,8 +1074,7 @@ impl Shared {
         })?;
         let r = self
             .nospace(who, || {
-                rfs::linkat(&node.fd, "", &newparent.fd, newname, AtFlags::EMPTY_PATH)
-                    .map_err(errno)
+                rfs::linkat(&fd, "", &npfd, newname, AtFlags::EMPTY_PATH).map_err(errno)
             })
             .and_then(|()| self.lookup_node(newparent, newname));
         self.post_if(EventType::Postlink, newparent, || {
@@ -738,7 +1104,8 @@ impl Shared {
         mtime: Option<TimeOrNow>,
         fh: Option<u64>,
     ) -> Result<FileAttr, i32> {
-        let path = node.proc_path();
+        let fd = self.fd(node)?;
+        let path = proc_path(&fd);
         if let Some(size) = size {
             let regions = attrs::get_regions(&path).unwrap_or_default();
             if attrs::raises(&regions, size, u64::MAX - size, flags::TRUNCATE)
@@ -755,13 +1122,7 @@ impl Shared {
             self.nospace(who, || match &open {
                 Some(o) => rfs::ftruncate(&o.file, size).map_err(errno),
                 None => {
-                    let f = rfs::openat(
-                        rfs::CWD,
-                        &path,
-                        OFlags::WRONLY | OFlags::CLOEXEC,
-                        Mode::empty(),
-                    )
-                    .map_err(errno)?;
+                    let f = self.reopen(node, OFlags::WRONLY)?;
                     rfs::ftruncate(&f, size).map_err(errno)
                 }
             })?;
@@ -771,7 +1132,7 @@ impl Shared {
         }
         if uid.is_some() || gid.is_some() {
             rfs::chownat(
-                &node.fd,
+                &fd,
                 "",
                 uid.map(rustix::fs::Uid::from_raw),
                 gid.map(rustix::fs::Gid::from_raw),
@@ -823,7 +1184,7 @@ impl Shared {
                 last_modification: ts(mtime),
             };
             rfs::utimensat(
-                &node.fd,
+                &fd,
                 "",
                 &times,
                 AtFlags::EMPTY_PATH | AtFlags::SYMLINK_NOFOLLOW,
@@ -847,18 +1208,24 @@ impl Shared {
     /// Whether the object carries privileges a write must drop (setuid, setgid with group
     /// execute, a file capability).
     fn has_privs(&self, node: &Node) -> bool {
-        let Ok(st) = rfs::fstat(&node.fd) else {
+        let Ok(fd) = self.fd(node) else {
+            return true;
+        };
+        let Ok(st) = rfs::fstat(&fd) else {
             return true;
         };
         st.st_mode & libc::S_ISUID != 0
             || (st.st_mode & libc::S_ISGID != 0 && st.st_mode & libc::S_IXGRP != 0)
-            || rfs::getxattr_query(node.proc_path(), "security.capability").is_ok()
+            || rfs::getxattr_query(proc_path(&fd), "security.capability").is_ok()
     }
 
     /// Drop setuid / setgid and the file capability after an unprivileged write or
     /// truncate (FUSE_HANDLE_KILLPRIV_V2 makes this the filesystem's job).
     fn kill_privs(&self, node: &Node) {
-        let Ok(st) = rfs::fstat(&node.fd) else {
+        let Ok(fd) = self.fd(node) else {
+            return;
+        };
+        let Ok(st) = rfs::fstat(&fd) else {
             return;
         };
         let mut mode = st.st_mode & 0o7777;
@@ -869,19 +1236,19 @@ impl Shared {
         if mode != st.st_mode & 0o7777 {
             let _ = rfs::chmodat(
                 rfs::CWD,
-                node.proc_path(),
+                proc_path(&fd),
                 Mode::from_raw_mode(mode),
                 AtFlags::empty(),
             );
         }
-        let _ = rfs::removexattr(node.proc_path(), "security.capability");
+        let _ = rfs::removexattr(proc_path(&fd), "security.capability");
     }
 
     /// What an open would want on its own: (regions, passthrough). Passthrough: no
     /// region, no privileges a write must drop, NOSPACE not disposed (its writes would not
     /// be seen), and the kernel accepted passthrough.
-    fn wants(&self, node: &Node, flags: i32) -> (Vec<Region>, bool, bool) {
-        let regions = attrs::get_regions(&node.proc_path()).unwrap_or_default();
+    fn wants(&self, node: &Node, fd: &OwnedFd, flags: i32) -> (Vec<Region>, bool, bool) {
+        let regions = attrs::get_regions(&proc_path(fd)).unwrap_or_default();
         let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
         let privileged = writable && self.has_privs(node);
         let passthrough = regions.is_empty()
@@ -895,27 +1262,34 @@ impl Shared {
     /// the kernel does the I/O of every passthrough open of the inode on it, with each
     /// open's own flags) or for the daemon (the caller's flags, without those the daemon
     /// handles itself).
-    fn open_file(&self, node: &Node, flags: i32, passthrough: bool) -> Result<File, i32> {
-        let path = node.proc_path();
+    fn open_file(&self, fd: &OwnedFd, flags: i32, passthrough: bool) -> Result<File, i32> {
+        let path = proc_path(fd);
         let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
         let fd = if passthrough {
             // O_NONBLOCK: a lease on the backing file must not stall the dispatch thread
             // (EWOULDBLOCK instead); a file being executed refuses writers (ETXTBSY):
             // readers then get a read-only backing file
             let open = |mode: OFlags| {
-                let fd = rfs::openat(
-                    rfs::CWD,
-                    &path,
-                    mode | OFlags::NONBLOCK | OFlags::CLOEXEC,
-                    Mode::empty(),
-                )?;
-                rfs::fcntl_setfl(&fd, rfs::fcntl_getfl(&fd)? - OFlags::NONBLOCK)?;
-                Ok::<_, rustix::io::Errno>(fd)
+                self.retry_fds(|| {
+                    let fd = rfs::openat(
+                        rfs::CWD,
+                        &path,
+                        mode | OFlags::NONBLOCK | OFlags::CLOEXEC,
+                        Mode::empty(),
+                    )
+                    .map_err(errno)?;
+                    rfs::fcntl_setfl(
+                        &fd,
+                        rfs::fcntl_getfl(&fd).map_err(errno)? - OFlags::NONBLOCK,
+                    )
+                    .map_err(errno)?;
+                    Ok(fd)
+                })
             };
             match open(OFlags::RDWR) {
                 Ok(fd) => fd,
-                Err(_) if !writable => open(OFlags::RDONLY).map_err(errno)?,
-                Err(e) => return Err(errno(e)),
+                Err(_) if !writable => open(OFlags::RDONLY)?,
+                Err(e) => return Err(e),
             }
         } else {
             // the name was resolved by the kernel; the daemon reads and writes through its
@@ -930,13 +1304,15 @@ impl Shared {
                     | libc::O_PATH
                     | libc::O_APPEND
                     | libc::O_DIRECT);
-            rfs::openat(
-                rfs::CWD,
-                &path,
-                OFlags::from_bits_retain(f as u32) | OFlags::CLOEXEC,
-                Mode::empty(),
-            )
-            .map_err(errno)?
+            self.retry_fds(|| {
+                rfs::openat(
+                    rfs::CWD,
+                    &path,
+                    OFlags::from_bits_retain(f as u32) | OFlags::CLOEXEC,
+                    Mode::empty(),
+                )
+                .map_err(errno)
+            })?
         };
         Ok(File::from(fd))
     }
@@ -961,7 +1337,22 @@ impl Shared {
                 0,
             )
         });
-        self.maybe_destroy(&node);
+        // the last close: the node's descriptor goes back to the cache's rule
+        let fd = {
+            let mut pin = lock(&node.pin);
+            if node.opens.load(Ordering::Acquire) == 0 && node.khandle.is_some() {
+                let fd = pin.take();
+                if let Some(fd) = &fd {
+                    // (not `cache`: it takes the pin's lock)
+                    let evicted = lock(&self.fds).put(node.serial, fd.clone());
+                    drop(evicted);
+                }
+                fd
+            } else {
+                pin.clone()
+            }
+        };
+        self.maybe_destroy(&node, fd);
     }
 
     fn open_of(&self, fh: u64) -> Result<Arc<Open>, i32> {
@@ -977,10 +1368,11 @@ impl Shared {
         let gen = self.regions_gen.load(Ordering::Acquire);
         let mut r = lock(&open.regions);
         if r.0 != gen {
-            *r = (
-                gen,
-                attrs::get_regions(&open.node.proc_path()).unwrap_or_default(),
-            );
+            let regions = self
+                .fd(&open.node)
+                .ok()
+                .and_then(|fd| attrs::get_regions(&proc_path(&fd)).ok());
+            *r = (gen, regions.unwrap_or_default());
         }
         attrs::raises(&r.1, offset, len, flag)
     }
@@ -1054,13 +1446,7 @@ impl Shared {
     }
 
     fn list(&self, node: &Node) -> Result<Vec<(u64, FileType, OsString)>, i32> {
-        let dir = rfs::openat(
-            rfs::CWD,
-            node.proc_path(),
-            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-            Mode::empty(),
-        )
-        .map_err(errno)?;
+        let dir = self.reopen(node, OFlags::RDONLY | OFlags::DIRECTORY)?;
         let mut entries = Vec::new();
         let mut d = rfs::Dir::new(dir).map_err(errno)?;
         while let Some(e) = d.read() {
@@ -1089,14 +1475,9 @@ impl Shared {
     }
 
     fn opendir(&self, node: &Arc<Node>) -> Result<u64, i32> {
-        let dir = rfs::openat(
-            rfs::CWD,
-            node.proc_path(),
-            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-            Mode::empty(),
-        )
-        .map_err(errno)?;
-        let entries = self.list(node)?;
+        let dir = self.reopen(node, OFlags::RDONLY | OFlags::DIRECTORY)?;
+        // listed when read from the start (the first read is)
+        let entries = Vec::new();
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         lock(&self.dirs).insert(
             fh,
@@ -1113,7 +1494,8 @@ impl Shared {
         if attrs::is_hidden(name) {
             return Err(libc::ENODATA);
         }
-        let path = node.proc_path();
+        let fd = self.fd(node)?;
+        let path = proc_path(&fd);
         if size == 0 {
             let n = rfs::getxattr_query(&path, name).map_err(errno)?;
             return Ok(vec![0; n]);
@@ -1125,7 +1507,8 @@ impl Shared {
     }
 
     fn listxattr(&self, node: &Node) -> Result<Vec<u8>, i32> {
-        let path = node.proc_path();
+        let fd = self.fd(node)?;
+        let path = proc_path(&fd);
         let n = rfs::listxattr_query(&path).map_err(errno)?;
         let mut buf = vec![0u8; n + 256];
         let n = rfs::listxattr(&path, &mut buf[..]).map_err(errno)?;
@@ -1226,9 +1609,11 @@ fn fh_file(s: &Shared, file: File) -> (u64, File) {
 
 impl ManagedFs {
     /// Record an open and answer the kernel.
+    #[allow(clippy::too_many_arguments)]
     fn opened(
         &self,
         n: Arc<Node>,
+        fd: Arc<OwnedFd>,
         (fh, file): (u64, File),
         regions: Vec<Region>,
         backing: Option<Arc<BackingId>>,
@@ -1244,6 +1629,13 @@ impl ManagedFs {
             append,
         });
         n.opens.fetch_add(1, Ordering::AcqRel);
+        {
+            // an open object keeps its descriptor (see `Node::pin`)
+            let mut pin = lock(&n.pin);
+            if pin.is_none() {
+                *pin = Some(fd);
+            }
+        }
         lock(&self.s.opens).insert(fh, open.clone());
         match &open.backing {
             Some(id) => reply.opened_passthrough(fh, 0, id),
@@ -1340,7 +1732,11 @@ impl Filesystem for ManagedFs {
 
     fn readlink(&mut self, _req: &Request<'_>, ino: u64, reply: ReplyData) {
         let n = node_or_reply!(self.s, ino, reply);
-        match rfs::readlinkat(&n.fd, "", Vec::new()) {
+        let fd = match self.s.fd(&n) {
+            Ok(fd) => fd,
+            Err(e) => return reply.error(e),
+        };
+        match rfs::readlinkat(&fd, "", Vec::new()) {
             Ok(t) => reply.data(t.as_bytes()),
             Err(e) => reply.error(errno(e)),
         }
@@ -1458,8 +1854,12 @@ impl Filesystem for ManagedFs {
 
     fn open(&mut self, _req: &Request<'_>, ino: u64, flags: i32, reply: ReplyOpen) {
         let n = node_or_reply!(self.s, ino, reply);
+        let fd = match self.s.fd(&n) {
+            Ok(fd) => fd,
+            Err(e) => return reply.error(e),
+        };
         let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
-        let (regions, wants_passthrough, privileged) = self.s.wants(&n, flags);
+        let (regions, wants_passthrough, privileged) = self.s.wants(&n, &fd, flags);
         // the kernel serves an inode either all by passthrough (one backing file) or all
         // through the daemon: an open follows the opens already there
         let mut pt = lock(&n.passthrough);
@@ -1476,7 +1876,7 @@ impl Filesystem for ManagedFs {
             Some(id) => Some(id),
             None if served_now || !wants_passthrough => None,
             None => {
-                let file = match self.s.open_file(&n, flags, true) {
+                let file = match self.s.open_file(&fd, flags, true) {
                     Ok(f) => f,
                     Err(e) => return reply.error(e),
                 };
@@ -1490,6 +1890,7 @@ impl Filesystem for ManagedFs {
                         drop(pt);
                         return self.opened(
                             n,
+                            fd,
                             fh_file(&self.s, file),
                             regions,
                             Some(id),
@@ -1513,7 +1914,7 @@ impl Filesystem for ManagedFs {
             n.served.fetch_add(1, Ordering::AcqRel);
         }
         drop(pt);
-        let file = match self.s.open_file(&n, flags, passthrough) {
+        let file = match self.s.open_file(&fd, flags, passthrough) {
             Ok(f) => f,
             Err(e) => {
                 if !passthrough {
@@ -1523,7 +1924,15 @@ impl Filesystem for ManagedFs {
             }
         };
         let append = !passthrough && flags & libc::O_APPEND != 0;
-        self.opened(n, fh_file(&self.s, file), regions, backing, append, reply);
+        self.opened(
+            n,
+            fd,
+            fh_file(&self.s, file),
+            regions,
+            backing,
+            append,
+            reply,
+        );
     }
 
     fn read(
@@ -1609,7 +2018,9 @@ impl Filesystem for ManagedFs {
         _lock_owner: u64,
         reply: ReplyEmpty,
     ) {
-        reply.ok();
+        // nothing to do at a close (no locks, no write-back): ENOSYS makes the kernel stop
+        // sending FLUSH (a round trip per close) and count it a success
+        reply.error(libc::ENOSYS);
     }
 
     fn release(
@@ -1703,7 +2114,10 @@ impl Filesystem for ManagedFs {
     }
 
     fn statfs(&mut self, _req: &Request<'_>, _ino: u64, reply: ReplyStatfs) {
-        match rfs::fstatvfs(&self.s.root.fd) {
+        let Some(root) = self.s.root.pinned() else {
+            return reply.error(libc::ESTALE);
+        };
+        match rfs::fstatvfs(&root) {
             Ok(v) => reply.statfs(
                 v.f_blocks,
                 v.f_bfree,
@@ -1732,10 +2146,14 @@ impl Filesystem for ManagedFs {
             return reply.error(libc::EPERM);
         }
         let n = node_or_reply!(self.s, ino, reply);
+        let fd = match self.s.fd(&n) {
+            Ok(fd) => fd,
+            Err(e) => return reply.error(e),
+        };
         empty(
             reply,
             rfs::setxattr(
-                n.proc_path(),
+                proc_path(&fd),
                 name,
                 value,
                 rfs::XattrFlags::from_bits_retain(flags as u32),
@@ -1775,7 +2193,11 @@ impl Filesystem for ManagedFs {
             return reply.error(libc::ENODATA);
         }
         let n = node_or_reply!(self.s, ino, reply);
-        empty(reply, rfs::removexattr(n.proc_path(), name).map_err(errno));
+        let fd = match self.s.fd(&n) {
+            Ok(fd) => fd,
+            Err(e) => return reply.error(e),
+        };
+        empty(reply, rfs::removexattr(proc_path(&fd), name).map_err(errno));
     }
 
     fn access(&mut self, _req: &Request<'_>, _ino: u64, _mask: i32, reply: ReplyEmpty) {
@@ -1856,5 +2278,41 @@ impl Filesystem for ManagedFs {
             Ok(p) => reply.offset(p as i64),
             Err(e) => reply.error(errno(e)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fd() -> Arc<OwnedFd> {
+        Arc::new(OwnedFd::from(File::open("/dev/null").unwrap()))
+    }
+
+    #[test]
+    fn the_descriptor_cache_is_bounded_and_gives_used_entries_a_second_chance() {
+        let mut c = FdCache::new(3);
+        for s in 1..=3 {
+            assert!(c.put(s, fd()).is_none());
+        }
+        assert!(c.get(1).is_some());
+        // full: 1 was used, so 2 goes
+        assert!(c.put(4, fd()).is_some());
+        assert_eq!(c.len(), 3);
+        assert!(c.get(2).is_none());
+        assert!(c.get(1).is_some() && c.get(3).is_some() && c.get(4).is_some());
+        // the same key again replaces its descriptor
+        let again = fd();
+        assert!(c.put(4, again.clone()).is_some());
+        assert!(Arc::ptr_eq(&c.get(4).unwrap(), &again));
+        assert!(c.remove(1).is_some() && c.remove(1).is_none());
+        assert!(c.get(3).is_some() && c.get(4).is_some());
+        assert_eq!(c.shrink(1).len(), 1);
+        assert_eq!(c.len(), 1);
+        for s in 10..20 {
+            let _ = c.put(s, fd());
+            assert!(c.len() <= 3);
+        }
+        assert_eq!(FdCache::new(0).put(1, fd()).map(|_| ()), Some(()));
     }
 }

@@ -26,6 +26,22 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+/// `[fs]`: managed filesystem settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FsConfig {
+    /// Most `O_PATH` descriptors of backing objects one mount keeps open (a cache: objects
+    /// are found again by their file handles). Also at most half of the daemon's
+    /// RLIMIT_NOFILE.
+    pub max_open_fds: usize,
+}
+
+impl Default for FsConfig {
+    fn default() -> Self {
+        FsConfig { max_open_fds: 4096 }
+    }
+}
+
 /// A mount, as `strata fs list` shows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MountInfo {
@@ -107,6 +123,7 @@ impl Live {
 /// The daemon's managed filesystems.
 pub struct Mounts {
     dm: Arc<Dm>,
+    cfg: FsConfig,
     live: Mutex<HashMap<FsId, Arc<Live>>>,
     /// Mounts and unmounts one at a time (from the check that nothing is mounted there to
     /// the record that something now is).
@@ -127,8 +144,14 @@ pub fn fuse_available() -> bool {
 impl Mounts {
     /// No mounts yet (see [`Mounts::restore`]).
     pub fn new(dm: Arc<Dm>) -> Mounts {
+        Mounts::with_config(dm, FsConfig::default())
+    }
+
+    /// No mounts yet; mounts made with these settings.
+    pub fn with_config(dm: Arc<Dm>, cfg: FsConfig) -> Mounts {
         Mounts {
             dm,
+            cfg,
             live: Mutex::new(HashMap::new()),
             changing: Mutex::new(()),
             closing: std::sync::atomic::AtomicBool::new(false),
@@ -281,8 +304,14 @@ impl Mounts {
             .map_err(|e| fail(e.raw_os_error(), format!("open {}: {e}", backing.display())))?,
         );
         let shared = Arc::new(
-            Shared::new(fs, self.dm.clone(), root_fd, read_only)
-                .map_err(|e| fail(e.raw_os_error().unwrap_or(libc::EIO), e.to_string()))?,
+            Shared::new(
+                fs,
+                self.dm.clone(),
+                root_fd,
+                read_only,
+                self.cfg.max_open_fds,
+            )
+            .map_err(|e| fail(e.raw_os_error().unwrap_or(libc::EIO), e.to_string()))?,
         );
         // the MOUNT event: a DM application may refuse the mount
         let data = EventData::Mount {

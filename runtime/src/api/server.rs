@@ -195,7 +195,7 @@ impl Daemon {
             uid,
         )?;
         let dm = Arc::new(crate::dm::service::Dm::open(&cfg.dm, store.db())?);
-        let mounts = Arc::new(crate::fs::Mounts::new(dm.clone()));
+        let mounts = Arc::new(crate::fs::Mounts::with_config(dm.clone(), cfg.fs.clone()));
         let router = Arc::new(crate::fs::route::Router::new(mounts.clone(), store.db())?);
         let d = Daemon {
             cfg,

@@ -122,6 +122,22 @@ impl Handle {
         })
     }
 
+    /// The handle of the object `name` names in directory `dir` (not following a final
+    /// symlink): the system call's own error.
+    pub fn of_at(
+        fs: FsId,
+        dir: std::os::fd::BorrowedFd<'_>,
+        name: &std::ffi::OsStr,
+    ) -> std::io::Result<Handle> {
+        let (ktype, kbytes) = sys::kernel_handle(Some(dir), Path::new(name))?;
+        Ok(Handle {
+            fs,
+            kind: HandleKind::Object,
+            ktype,
+            kbytes,
+        })
+    }
+
     /// Open the object read-only (`O_PATH` when `path_only`), given an open directory of
     /// its filesystem: a stale or missing object is EBADF.
     pub fn open(&self, mount: &File, path_only: bool) -> Result<File, DmError> {
@@ -141,6 +157,16 @@ impl Handle {
             return Err(DmError::Einval);
         }
         sys::open_by_handle(mount, self.ktype, &self.kbytes, flags).map_err(io_to_dm)
+    }
+
+    /// Open the object with these `open(2)` flags (`O_CLOEXEC` is added), given any
+    /// descriptor of its filesystem: the system call's own error (EMFILE stays EMFILE).
+    pub fn open_io(
+        &self,
+        mount: std::os::fd::BorrowedFd<'_>,
+        flags: i32,
+    ) -> std::io::Result<std::os::fd::OwnedFd> {
+        sys::open_by_handle(&mount, self.ktype, &self.kbytes, flags).map(Into::into)
     }
 
     /// The object's path (as the kernel sees it now), through its open file.
@@ -221,7 +247,7 @@ mod sys {
     }
 
     pub fn open_by_handle(
-        mount: &File,
+        mount: &impl AsRawFd,
         ktype: i32,
         bytes: &[u8],
         flags: i32,
