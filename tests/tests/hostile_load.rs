@@ -20,12 +20,10 @@ use strata_tests::{bin, component, is_root, Daemon};
 
 const NOBODY: u32 = 65534;
 const RSS_LIMIT: u64 = 256 << 20;
-/// Root's p99 under attack must stay below this: far above what a quiet machine shows
-/// (4.6-14 ms here, printed with the no-attack baseline of the same run), far below what
-/// starvation looks like (the old daemon let `status` time out after seconds). A timed
-/// test on a shared 2-core machine cannot hold a tighter bound without being flaky: the
-/// latencies themselves are what the table prints.
-const P99_LIMIT_MS: f64 = 500.0;
+/// Root's p99 under attack must stay below this (issue 10). A quiet 2-core machine shows
+/// 4.6-14 ms; a machine busy with other builds can exceed it (the table prints the
+/// no-attack baseline of the same run next to it, to tell the two apart).
+const P99_LIMIT_MS: f64 = 50.0;
 
 /// The daemon's resident set (VmRSS of /proc/PID/status), in bytes.
 fn rss(pid: u32) -> u64 {
