@@ -141,12 +141,19 @@ fn hoard_helper() {
     for round in 0..20 {
         let mut s = UnixStream::connect(&sock).unwrap();
         for i in 0..4 {
-            let (v, fds) = raw_call(
-                &mut s,
-                serde_json::json!({"op":"space","call":"start-write","space":"hoard",
-                    "chunk":format!("c{round}.{i}"),"wait":false,"keep":false}),
-                b"",
-            );
+            let req = serde_json::json!({"op":"space","call":"start-write","space":"hoard",
+                "chunk":format!("c{round}.{i}"),"wait":false,"keep":false});
+            // the previous connection's leases are reclaimed just after it closes: until
+            // then their slots may still be taken (cache-full)
+            let until = Instant::now() + Duration::from_secs(10);
+            let (v, fds) = loop {
+                let (v, fds) = raw_call(&mut s, req.clone(), b"");
+                let full = v["value"]["reason"]["kind"] == "cache-full";
+                if !full || Instant::now() > until {
+                    break (v, fds);
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            };
             assert_eq!(fds.len(), 1, "start-write: {v}");
             buffers.extend(fds);
         }

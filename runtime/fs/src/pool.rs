@@ -87,7 +87,8 @@ impl Pool {
             let mut st = self.state();
             if started.is_err() {
                 st.threads -= 1;
-                if st.queue.len() >= self.inner.max_queued {
+                // no thread would ever take it: hand it back (its reply answers EIO)
+                if st.threads == 0 || st.idle == 0 || st.queue.len() >= self.inner.max_queued {
                     return Err(job);
                 }
             }

@@ -728,6 +728,10 @@ impl PluginHost {
         live.store
             .set_epoch_deadline(self.deadline_ticks(&version.settings));
         live.store.data_mut().dm = dm;
+        let huge = input > self.inner.cfg.rollback_input_bytes;
+        let excusable = |kind: FailureKind| {
+            huge && matches!(kind, FailureKind::Timeout | FailureKind::MemoryLimit)
+        };
         let r = f(&mut live.store, &live.bound);
         live.store.data_mut().dm = None;
         let ns = t0.elapsed().as_nanos() as u64;
@@ -745,7 +749,13 @@ impl PluginHost {
             Err(e) => {
                 // A trapped instance is discarded here (dropped), never re-entered.
                 let kind = classify(&e, live.store.data().limits.memory_hit);
-                version.counters.record(ns, Err(kind));
+                if excusable(kind) {
+                    // a huge (valid) input, which any caller may send: not the plugin's
+                    // fault, and never counted towards rollback
+                    version.counters.record_excused(ns, kind);
+                } else {
+                    version.counters.record(ns, Err(kind));
+                }
                 Err((kind, chain(&e)))
             }
         };
@@ -753,11 +763,7 @@ impl PluginHost {
             // Every failed call is answered by the hook's failure policy (see `failed`);
             // counted here, before a rollback may retire this version's counters.
             version.counters.policy_applied();
-            let resources = matches!(kind, FailureKind::Timeout | FailureKind::MemoryLimit);
-            if resources && input > self.inner.cfg.rollback_input_bytes {
-                // a huge (valid) input, which any caller may send: not the plugin's fault
-                version.counters.excuse();
-            } else if *kind != FailureKind::PluginError {
+            if !excusable(*kind) && *kind != FailureKind::PluginError {
                 self.maybe_rollback(slot, &version);
             }
         }
@@ -917,16 +923,32 @@ impl PluginHost {
             plugin: name.into(),
             detail: e.to_string(),
         })?;
+        let inherited = settings.is_none();
         let settings = match settings {
             Some(s) => Arc::new(s),
             None => slot.current.load().settings.clone(),
         };
+        let base = settings.clone();
         // compile and self-test without the slot's management lock (a Python component
         // takes seconds to compile; the call path takes that lock for a rollback): only
         // the switch is serialized. Of two concurrent swaps the later switch wins, and
         // the earlier version goes to the history like any replaced one.
         let new = self.prepare(&slot.name, slot.kind, wasm, source, settings)?;
         let _g = lock(&slot.mgmt);
+        let raced = |detail: &str| LoadError::Slot {
+            plugin: name.into(),
+            detail: detail.into(),
+        };
+        if !self.slot(name).is_ok_and(|now| Arc::ptr_eq(&now, &slot)) {
+            return Err(raced(
+                "the slot was unloaded while the new version compiled",
+            ));
+        }
+        if inherited && !Arc::ptr_eq(&slot.current.load().settings, &base) {
+            return Err(raced(
+                "a concurrent swap changed the slot's settings while this version compiled: swap again",
+            ));
+        }
         let (compile_ms, selftest_ms, cache, to) =
             (new.compile_ms, new.selftest_ms, new.cache, new.id);
         let notes = new.notes.clone();

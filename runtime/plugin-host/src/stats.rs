@@ -45,9 +45,11 @@ impl Counters {
         c.fetch_add(1, Relaxed);
     }
 
-    /// The last recorded failure does not count towards rollback.
-    pub(crate) fn excuse(&self) {
+    /// Record a failure that does not count towards rollback: excused first, so that a
+    /// concurrent rollback check never counts it as a failure.
+    pub(crate) fn record_excused(&self, ns: u64, kind: FailureKind) {
         self.excused.fetch_add(1, Relaxed);
+        self.record(ns, Err(kind));
     }
 
     pub(crate) fn policy_applied(&self) {

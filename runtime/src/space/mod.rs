@@ -938,12 +938,30 @@ impl Spaces {
     /// Time passed: expire waits, queued requests and leases.
     pub fn tick(&self) {
         let mut g = self.lock();
+        self.sweep_leased(&mut g);
         if !g.core.has_deadlines() {
             return;
         }
         let now = self.epoch.elapsed().as_millis() as u64;
         let fx = g.core.tick(now);
         self.apply(&mut g, fx);
+        self.sweep_leased(&mut g);
+    }
+
+    /// Buffers of leases the core ended by itself (timed out, or their space was left)
+    /// go back to their connection's spares: reused by its next lease instead of staying
+    /// charged to its quota until it disconnects.
+    fn sweep_leased(&self, g: &mut Inner) {
+        if g.leased.is_empty() {
+            return;
+        }
+        let ended: Vec<u64> = (g.leased.keys())
+            .filter(|id| g.core.lease_client(**id).is_none())
+            .copied()
+            .collect();
+        for id in ended {
+            self.give_back(g, id);
+        }
     }
 
     /// Retire every region (clean shutdown: volatile chunks end here; readers still mapping

@@ -9,6 +9,7 @@ use arc_swap::ArcSwap;
 use redb::ReadableTable;
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::atomic::Ordering as AtomicOrdering;
 use std::sync::{mpsc, Arc, Mutex, MutexGuard};
 use std::time::Instant;
 use tokio::sync::oneshot;
@@ -159,6 +160,10 @@ struct Records {
     next: std::sync::atomic::AtomicU64,
     /// The last record stored (or given up on); held while a batch is written.
     writer: Mutex<u64>,
+    /// Tokens below this are reserved on disk (only a stored reservation counts).
+    stored_tokens: std::sync::atomic::AtomicU64,
+    /// A token reservation is queued and not yet written.
+    tokens_queued: std::sync::atomic::AtomicBool,
 }
 
 impl Records {
@@ -248,25 +253,47 @@ impl Dm {
             epoch: Instant::now(),
             db,
         };
+        dm.records
+            .stored_tokens
+            .store(floor, AtomicOrdering::Release);
         {
             let mut g = dm.lock();
-            dm.reserve_tokens(&mut g);
+            // (the floor itself may be all that is stored: the next token is refused
+            // until a reservation is, just below)
+            let _ = dm.reserve_tokens(&mut g);
             dm.publish(&mut g);
         }
         dm.flush();
+        anyhow::ensure!(
+            dm.records.stored_tokens.load(AtomicOrdering::Acquire) > dm.lock().core.next_token(),
+            "cannot store the DM token reservation"
+        );
         Ok(dm)
     }
 
     /// Keep the on-disk reservation ahead of the tokens issued: half a block before the
     /// tokens reach it, a new reservation is queued (stored by [`Dm::flush`] after the lock
     /// is released, long before the tokens get there).
-    fn reserve_tokens(&self, g: &mut Inner) {
-        if g.core.next_token() + TOKEN_BLOCK / 2 < g.reserved {
-            return;
+    ///
+    /// `Err` when the next token would pass the reservation *stored* (one queued, or none
+    /// could be stored): the caller must not issue it, or a token could repeat after a
+    /// crash.
+    fn reserve_tokens(&self, g: &mut Inner) -> Result<(), DmError> {
+        let stored = self.records.stored_tokens.load(AtomicOrdering::Acquire);
+        g.reserved = stored;
+        let next = g.core.next_token();
+        if next + TOKEN_BLOCK / 2 >= stored
+            && !self
+                .records
+                .tokens_queued
+                .swap(true, AtomicOrdering::AcqRel)
+        {
+            self.records.push(Record::Tokens(next + TOKEN_BLOCK));
         }
-        let reserved = g.core.next_token() + TOKEN_BLOCK;
-        self.records.push(Record::Tokens(reserved));
-        g.reserved = reserved;
+        if next >= stored {
+            return Err(DmError::Enomem);
+        }
+        Ok(())
     }
 
     /// Store every record queued so far (not under the DM lock: whoever comes first
@@ -315,11 +342,29 @@ impl Dm {
             w.commit()?;
             Ok(())
         })();
-        if let Err(e) = r {
-            tracing::error!(
+        let tokens = batch.iter().filter_map(|(_, rec)| match rec {
+            Record::Tokens(t) => Some(*t),
+            _ => None,
+        });
+        let tokens = tokens.max();
+        match r {
+            Ok(()) => {
+                if let Some(t) = tokens {
+                    self.records
+                        .stored_tokens
+                        .fetch_max(t, AtomicOrdering::AcqRel);
+                }
+            }
+            Err(e) => tracing::error!(
                 records = batch.len(),
                 "cannot record DM sessions, dispositions or token reservations: {e}"
-            );
+            ),
+        }
+        if tokens.is_some() {
+            // stored or not, the next reservation may be queued (again)
+            self.records
+                .tokens_queued
+                .store(false, AtomicOrdering::Release);
         }
         *committed = last;
     }
@@ -550,7 +595,10 @@ impl Dm {
             DmRequest::SendMsg { sid, sync } => {
                 let op = g.next_op;
                 g.next_op += 1;
-                self.reserve_tokens(g);
+                if let Err(error) = self.reserve_tokens(g) {
+                    tracing::error!("no DM token reserved on disk: send_msg refused");
+                    return DmStep::Done(DmReply::Error { error });
+                }
                 match g.core.send_msg(sid, sync, payload, op) {
                     Ok((Raised::Blocked(token), out)) => {
                         let (tx, rx) = oneshot::channel();
@@ -774,7 +822,21 @@ impl Dm {
         let mut guard = self.lock();
         let g = &mut *guard;
         if kind.is_sync() {
-            self.reserve_tokens(g);
+            if let Err(e) = self.reserve_tokens(g) {
+                // as before the records were stored off the lock: the operation goes on
+                // without its event rather than with a token that could repeat
+                static LIMIT: strata_common::ratelimit::LogLimit =
+                    strata_common::ratelimit::LogLimit::new(3, std::time::Duration::from_secs(10));
+                strata_common::log_limited!(
+                    LIMIT,
+                    error,
+                    ?kind,
+                    "no DM token reserved on disk ({e}): a synchronous event is not raised"
+                );
+                drop(guard);
+                self.flush_if_queued();
+                return Raise::Go;
+            }
         }
         let op = g.next_op;
         g.next_op += 1;
