@@ -27,6 +27,8 @@ pub struct Config {
     pub fs: crate::fs::FsConfig,
     /// What one local user can take of the daemon: connections, bytes, plugin calls.
     pub limits: LimitsConfig,
+    /// The Prometheus endpoint (off by default).
+    pub metrics: crate::metrics::MetricsConfig,
 }
 
 /// `[limits]`: bounds on what the daemon gives one local user (see `docs/protocol.md`,
@@ -241,6 +243,7 @@ impl Default for Config {
             dm: crate::dm::service::DmConfig::default(),
             fs: crate::fs::FsConfig::default(),
             limits: LimitsConfig::default(),
+            metrics: crate::metrics::MetricsConfig::default(),
         }
     }
 }
@@ -269,6 +272,7 @@ impl Config {
 
     /// Reject values the daemon cannot run with.
     pub fn check(&self) -> anyhow::Result<()> {
+        self.metrics.addr()?;
         anyhow::ensure!(
             self.plugins.deadline_ms > 0,
             "plugins.deadline_ms must be positive"

@@ -15,6 +15,7 @@
 pub mod api;
 pub mod config;
 pub mod docs;
+pub mod metrics;
 pub mod sdnotify;
 pub mod space;
 

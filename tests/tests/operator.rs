@@ -120,3 +120,96 @@ fn the_debian_package_holds_the_daemon_cli_plugins_config_unit_man_pages_and_com
         .unwrap();
     assert!(String::from_utf8_lossy(&info.stdout).contains("/etc/strata/stratad.toml"));
 }
+
+/// `GET /metrics` from the daemon's endpoint.
+fn scrape(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("the metrics endpoint answers");
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    out
+}
+
+/// The value of the first sample of `series` whose line contains every `labels` text.
+fn sample(text: &str, series: &str, labels: &[&str]) -> Option<f64> {
+    text.lines()
+        .filter(|l| l.starts_with(series) && !l.starts_with('#'))
+        .filter(|l| labels.iter().all(|x| l.contains(x)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+        .next()
+}
+
+#[test]
+fn the_metrics_endpoint_serves_series_that_move_with_the_work() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let d = strata_tests::Daemon::start_with(&format!(
+        "[metrics]\nenabled = true\nlisten = \"{addr}\"\n"
+    ));
+    let rendezvous = strata_tests::component("placement-rendezvous")
+        .display()
+        .to_string();
+    d.ok(&["plugin", "load", "rdv", &rendezvous, "--kind", "placement"]);
+    let mut c = strata_client::Client::connect(d.socket()).unwrap();
+    c.create("m", strata_client::SpaceOptions::default())
+        .unwrap();
+    let before = scrape(&addr);
+    let writes = |t: &str| {
+        sample(
+            t,
+            "strata_requests_total",
+            &["op=\"chunk-write\"", "result=\"ok\""],
+        )
+        .unwrap_or(0.0)
+    };
+    let places = |t: &str| {
+        sample(
+            t,
+            "strata_plugin_calls_total",
+            &["slot=\"rdv\"", "result=\"ok\""],
+        )
+        .unwrap_or(0.0)
+    };
+    for i in 0..5 {
+        c.write("m", &format!("k{i}"), b"data").unwrap();
+    }
+    for _ in 0..3 {
+        d.ok(&["place", "rdv", "m", "k0", "--host", "a:1", "--host", "b:1"]);
+    }
+    // gauges are refreshed once a second
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let after = scrape(&addr);
+    assert_eq!(writes(&after) - writes(&before), 5.0, "{after}");
+    assert_eq!(places(&after) - places(&before), 3.0, "{after}");
+    for series in [
+        "strata_request_seconds_bucket",
+        "strata_durable_commit_seconds_bucket",
+        "strata_durable_commit_records_bucket",
+        "strata_spaces",
+        "strata_shm_bytes",
+        "strata_chunks",
+    ] {
+        assert!(after.contains(series), "no {series} in {after}");
+    }
+    assert!(
+        sample(&after, "strata_chunks", &[]).unwrap() >= 5.0,
+        "{after}"
+    );
+    // no label carries a chunk or space name
+    assert!(
+        !after.contains("\"k0\"") && !after.contains("\"m\""),
+        "{after}"
+    );
+}

@@ -759,6 +759,16 @@ impl PluginHost {
                 Err((kind, chain(&e)))
             }
         };
+        let label = match &result {
+            Ok(_) => "ok",
+            Err((FailureKind::Trap, _)) => "trap",
+            Err((FailureKind::Timeout, _)) => "timeout",
+            Err((FailureKind::MemoryLimit, _)) => "memory",
+            Err((FailureKind::Malformed, _)) => "malformed",
+            Err((FailureKind::PluginError, _)) => "plugin-error",
+        };
+        metrics::counter!("strata_plugin_calls_total", "slot" => slot.name.to_string(), "result" => label)
+            .increment(1);
         if let Err((kind, _)) = &result {
             // Every failed call is answered by the hook's failure policy (see `failed`);
             // counted here, before a rollback may retire this version's counters.
@@ -786,6 +796,8 @@ impl PluginHost {
             };
             slot.current.store(prev.clone());
             self.retire(slot, version);
+            metrics::counter!("strata_plugin_rollbacks_total", "slot" => slot.name.to_string())
+                .increment(1);
             slot.note(format!(
                 "auto-rollback: version {} failed {failed} of {calls} calls (threshold {:.0}%); version {} serves again",
                 version.id,

@@ -634,6 +634,11 @@ impl Core {
         self.limits.quotas.exempt.contains(&uid)
     }
 
+    /// Bytes of lease buffers on the host.
+    pub fn buffer_total(&self) -> u64 {
+        self.buffers_total
+    }
+
     /// Bytes of lease buffers `uid`'s connections hold.
     pub fn buffer_bytes(&self, uid: u32) -> u64 {
         self.buffers.get(&uid).copied().unwrap_or(0)

@@ -901,6 +901,8 @@ async fn serve_requests(
                     continue;
                 }
                 Incoming::Refuse(reply) => {
+                    metrics::counter!("strata_connections_refused_total", "reason" => "frame")
+                        .increment(1);
                     // framing is lost after a refused frame: answer, then close
                     if let Ok(frame) = super::encode(&reply, b"") {
                         let _ = tokio::time::timeout(write_timeout, w.write_all(&frame)).await;
@@ -908,6 +910,8 @@ async fn serve_requests(
                     return;
                 }
             };
+        let op = crate::metrics::op_label(&req);
+        let started = Instant::now();
         let (reply, data) = match req {
             Request::Dm(req) => {
                 if !(uid == Some(0) || uid == Some(daemon.uid)) {
@@ -960,6 +964,14 @@ async fn serve_requests(
             }
             req => (blocking(daemon, req, payload, uid).await, vec![]),
         };
+        let result = if matches!(reply, Reply::Error(_)) {
+            "error"
+        } else {
+            "ok"
+        };
+        metrics::counter!("strata_requests_total", "op" => op, "result" => result).increment(1);
+        metrics::histogram!("strata_request_seconds", "op" => op)
+            .record(started.elapsed().as_secs_f64());
         // a region or lease buffer lent with this reply rides on its first bytes
         let lends = matches!(
             reply,
@@ -1073,6 +1085,14 @@ fn accept_loop(
                         });
                     }
                     Err(why) => {
+                        let reason = match why {
+                            super::limits::Refusal::UidConnections { .. } => "uid-connections",
+                            super::limits::Refusal::Connections { .. } => "connections",
+                            super::limits::Refusal::OutOfFds => "out-of-fds",
+                            _ => "other",
+                        };
+                        metrics::counter!("strata_connections_refused_total", "reason" => reason)
+                            .increment(1);
                         log_limited!(REFUSED_LOG, warn, uid, "connection refused: {why}");
                         refuse(s, &why);
                     }
@@ -1137,7 +1157,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         }
         std::fs::remove_file(&socket)?;
     }
+    let metrics_cfg = cfg.metrics.clone();
     let daemon = Arc::new(tokio::task::spawn_blocking(move || Daemon::open(cfg)).await??);
+    crate::metrics::install(&metrics_cfg)?;
     let listener = std::os::unix::net::UnixListener::bind(&socket)?;
     {
         use std::os::unix::fs::PermissionsExt;
@@ -1159,12 +1181,23 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         tokio::spawn(async move {
             let mut every = tokio::time::interval(std::time::Duration::from_millis(10));
             every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+            let mut n: u64 = 0;
             loop {
                 every.tick().await;
+                n += 1;
                 let d = d.clone();
                 let _ = tokio::task::spawn_blocking(move || {
                     d.spaces.tick();
                     d.dm.tick();
+                    if n.is_multiple_of(100) {
+                        // once a second: what the host uses, against the [spaces] quotas
+                        let (u, buffers) = d.spaces.usage_totals();
+                        metrics::gauge!("strata_spaces").set(u.spaces as f64);
+                        metrics::gauge!("strata_shm_bytes").set(u.shm_bytes as f64);
+                        metrics::gauge!("strata_durable_bytes").set(u.durable_bytes as f64);
+                        metrics::gauge!("strata_chunks").set(u.chunks as f64);
+                        metrics::gauge!("strata_lease_buffer_bytes").set(buffers as f64);
+                    }
                 })
                 .await;
             }

@@ -495,6 +495,8 @@ impl Durable {
                     .map_err(|e| Arc::new(format!("{e:#}"))),
             );
             run.took = t.elapsed();
+            metrics::histogram!("strata_durable_commit_seconds").record(run.took.as_secs_f64());
+            metrics::histogram!("strata_durable_commit_records").record(batch.len() as f64);
             drop(run);
             g = self.lock();
         }

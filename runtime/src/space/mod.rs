@@ -227,6 +227,13 @@ impl Spaces {
     }
 
     /// This host's id.
+    /// What the host uses, all owners together, and the bytes of lease buffers.
+    pub fn usage_totals(&self) -> (core::Usage, u64) {
+        let g = self.lock();
+        (g.core.total_usage(), g.core.buffer_total())
+    }
+
+    /// The host id.
     pub fn host(&self) -> &str {
         &self.host
     }

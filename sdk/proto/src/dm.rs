@@ -151,6 +151,36 @@ event_types!(
 );
 
 impl EventType {
+    /// Its name, as on the wire.
+    pub fn name(self) -> &'static str {
+        use EventType::*;
+        match self {
+            Close => "close",
+            Mount => "mount",
+            Preunmount => "preunmount",
+            Unmount => "unmount",
+            Nospace => "nospace",
+            Debut => "debut",
+            Create => "create",
+            Postcreate => "postcreate",
+            Remove => "remove",
+            Postremove => "postremove",
+            Rename => "rename",
+            Postrename => "postrename",
+            Symlink => "symlink",
+            Postsymlink => "postsymlink",
+            Link => "link",
+            Postlink => "postlink",
+            Read => "read",
+            Write => "write",
+            Truncate => "truncate",
+            Attribute => "attribute",
+            Cancel => "cancel",
+            Destroy => "destroy",
+            User => "user",
+        }
+    }
+
     /// Whether the operation waits for the DM application's answer (XDSM synchronous
     /// events; `user` events are synchronous when sent so).
     pub fn is_sync(self) -> bool {

@@ -84,6 +84,10 @@ pub enum Raise {
         token: Token,
         /// Where the answer comes.
         rx: mpsc::Receiver<Response>,
+        /// The event's type.
+        kind: EventType,
+        /// When it was raised.
+        since: Instant,
     },
 }
 
@@ -841,11 +845,20 @@ impl Dm {
         let op = g.next_op;
         g.next_op += 1;
         let (raised, out) = g.core.raise(fs, kind, data, op);
+        if !matches!(raised, Raised::NotDisposed) {
+            metrics::counter!("strata_dm_events_total", "type" => kind.name()).increment(1);
+        }
         let r = match raised {
             Raised::Blocked(token) => {
                 let (tx, rx) = mpsc::channel();
                 g.ops.insert(op, OpWaiter::Local { tx });
-                Raise::Wait { op, token, rx }
+                Raise::Wait {
+                    op,
+                    token,
+                    rx,
+                    kind,
+                    since: Instant::now(),
+                }
             }
             _ => Raise::Go,
         };
@@ -872,11 +885,23 @@ impl Dm {
     /// (an abort, or the configured errno after the timeout). `alive` is asked now and then;
     /// when the operation's caller is gone the event is cancelled and EINTR returned.
     pub fn wait(&self, raised: Raise, alive: &dyn Fn() -> bool) -> Result<(), i32> {
-        let Raise::Wait { op, token, rx } = raised else {
+        let Raise::Wait {
+            op,
+            token,
+            rx,
+            kind,
+            since,
+        } = raised
+        else {
             return Ok(());
         };
         loop {
-            match rx.recv_timeout(std::time::Duration::from_millis(100)) {
+            let got = rx.recv_timeout(std::time::Duration::from_millis(100));
+            if got.is_ok() {
+                metrics::histogram!("strata_dm_event_answer_seconds", "type" => kind.name())
+                    .record(since.elapsed().as_secs_f64());
+            }
+            match got {
                 Ok(Response::Abort(errno)) => {
                     return Err(if (1..=super::core::MAX_ERRNO).contains(&errno) {
                         errno
