@@ -12,7 +12,8 @@
 # (/var/lib/strata 0700, /run/strata) are made by systemd from the unit.
 #
 # STRATA_DEB_BIN_DIR=DIR packages the binaries already built in DIR (the tests use the
-# debug ones) instead of building release binaries.
+# debug ones) instead of building release binaries; STRATA_DEB_COMPRESS=gzip|xz (default
+# xz) the compression (the tests use gzip: xz of debug binaries takes minutes).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -111,7 +112,7 @@ if [ "$1" = "purge" ]; then
 fi
 POSTRM
 chmod 0755 "$PKG/DEBIAN/postinst" "$PKG/DEBIAN/prerm" "$PKG/DEBIAN/postrm"
-dpkg-deb --root-owner-group -Zxz --build "$PKG" "$PKG.deb" >/dev/null
+dpkg-deb --root-owner-group "-Z${STRATA_DEB_COMPRESS:-xz}" --build "$PKG" "$PKG.deb" >/dev/null
 rm -rf "$PKG"
 log "built $PKG.deb"
 echo "$PKG.deb"

@@ -7,7 +7,8 @@
 #   guest toolchain  wasm32-unknown-unknown via rustup, or Debian's toolchain + build-std
 #                    (scripts/build-plugins.sh chooses)
 #   Python guests    componentize-py from PyPI (scripts/build-py-plugin.sh)
-#   system           build-essential, pkg-config, python3-venv, fuse3, redis-server
+#   system           build-essential, pkg-config, python3-venv, fuse3, redis-server,
+#                    systemd (systemd-analyze verifies the packaged unit)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 log() { printf 'setup: %s\n' "$*" >&2; }
@@ -37,7 +38,7 @@ need_pkgs() {
 if command -v apt-get >/dev/null; then
     # redis-server: the peer the chunk-space benchmark measures against (it starts its own
     # instance on a Unix socket; a system service the package may start is left alone)
-    need_pkgs build-essential pkg-config python3 python3-venv fuse3 procps redis-server
+    need_pkgs build-essential pkg-config python3 python3-venv fuse3 procps redis-server systemd
 fi
 
 # Host toolchain: rustup's cargo if present, else Debian's (>= 1.95 needed by wasmtime 48).

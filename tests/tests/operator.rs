@@ -55,6 +55,7 @@ fn the_debian_package_holds_the_daemon_cli_plugins_config_unit_man_pages_and_com
     let o = Command::new("bash")
         .arg(root.join("scripts/build-deb.sh"))
         .env("STRATA_DEB_BIN_DIR", &bins)
+        .env("STRATA_DEB_COMPRESS", "gzip")
         .env("CARGO_TARGET_DIR", out.path())
         .env(
             "STRATA_COMPONENTS",
@@ -106,6 +107,29 @@ fn the_debian_package_holds_the_daemon_cli_plugins_config_unit_man_pages_and_com
         "StateDirectoryMode=0700",
     ] {
         assert!(unit.contains(line), "unit lacks {line}");
+    }
+    // systemd's own check, on a copy naming the extracted binary (it checks ExecStart
+    // paths exist; the test does not install into /usr)
+    if let Ok(v) = Command::new("systemd-analyze").arg("--version").output() {
+        assert!(v.status.success());
+        let copy = out.path().join("stratad.service");
+        let stratad = x.join("usr/bin/stratad").display().to_string();
+        std::fs::write(&copy, unit.replace("/usr/bin/stratad", &stratad)).unwrap();
+        let o = Command::new("systemd-analyze")
+            .args(["verify", "--man=no"])
+            .arg(&copy)
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success() && o.stderr.is_empty(),
+            "systemd-analyze verify: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    } else {
+        eprintln!(
+            "PREREQUISITE MISSING: systemd-analyze (package systemd): the unit is not verified"
+        );
+        panic!("systemd-analyze is missing");
     }
     for ns in ["ProtectSystem=", "PrivateTmp=", "ProtectHome="] {
         assert!(
