@@ -23,9 +23,10 @@ cargo build --workspace --bins
 step "tests"
 cargo test --workspace --no-fail-fast
 
-step "benchmarks, quick mode (full runs: cargo bench -p strata-runtime --bench plugin|spaces|dm)"
+step "benchmarks, quick mode (full runs: cargo bench -p strata-runtime --bench plugin|spaces|dm, cargo bench -p strata-tests --bench fs_scale)"
 STRATA_BENCH_QUICK=1 cargo test -p strata-runtime --bench plugin
 STRATA_BENCH_QUICK=1 cargo test -p strata-runtime --bench spaces
 STRATA_BENCH_QUICK=1 cargo test -p strata-runtime --bench dm
+STRATA_BENCH_QUICK=1 cargo test -p strata-tests --bench fs_scale
 
 step "all checks passed in $((SECONDS - t0)) s"

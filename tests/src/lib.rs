@@ -312,6 +312,8 @@ pub fn is_root() -> bool {
         .unwrap_or(false)
 }
 
+pub mod scale;
+
 /// Helpers of the DMAPI tests on real mounts.
 pub mod dm {
     use strata_client::dm::{DmError, EventData, Message};

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use strata_client::frame;
 use strata_client::{Client, SpaceOptions, StartWriteStatus, WaitStatus, WriteStatus};
 use strata_runtime::api::{client::Client as Admin, Reply, Request};
+use strata_tests::scale::{hostile_report as report, rss_bytes as rss};
 use strata_tests::{bin, component, is_root, Daemon};
 
 const NOBODY: u32 = 65534;
@@ -39,27 +40,6 @@ fn attacker(socket: &Path, role: &str, count: usize, secs: f64, slot: &str) -> C
         .stderr(Stdio::inherit())
         .spawn()
         .expect("start strata-hostile")
-}
-
-fn report(c: Child) -> Value {
-    let o = c.wait_with_output().expect("strata-hostile");
-    let text = String::from_utf8_lossy(&o.stdout);
-    if text.trim().is_empty() {
-        // killed (by the memory monitor: the daemon ballooned)
-        return serde_json::json!({"killed": o.status.to_string()});
-    }
-    serde_json::from_str(text.trim())
-        .unwrap_or_else(|e| panic!("strata-hostile said {text:?}: {e}"))
-}
-
-fn rss(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .map(|kb| kb << 10)
-        .unwrap_or(0)
 }
 
 /// CPU time (user + system) of a process, in clock ticks.

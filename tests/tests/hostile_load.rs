@@ -8,7 +8,6 @@
 //! The attackers are `strata-hostile` processes (tests/src/bin) running as uid 65534 at
 //! nice 19 (see `attacker`).
 
-use serde_json::Value;
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -16,6 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use strata_client::{Client, SpaceOptions, WriteStatus};
 use strata_runtime::api::{client::Client as Admin, Reply, Request};
+use strata_tests::scale::{hostile_report as report, rss_bytes as rss};
 use strata_tests::{bin, component, is_root, Daemon};
 
 const NOBODY: u32 = 65534;
@@ -24,17 +24,6 @@ const RSS_LIMIT: u64 = 256 << 20;
 /// 4.6-14 ms; a machine busy with other builds can exceed it (the table prints the
 /// no-attack baseline of the same run next to it, to tell the two apart).
 const P99_LIMIT_MS: f64 = 50.0;
-
-/// The daemon's resident set (VmRSS of /proc/PID/status), in bytes.
-fn rss(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .map(|kb| kb << 10)
-        .unwrap_or(0)
-}
 
 /// Raise this process's open-file limit to at least `n` (the attackers inherit it): to `n`
 /// where we may raise the hard limit, else to the hard limit, which must be at least
@@ -81,17 +70,6 @@ fn attacker(d: &Daemon, role: &str, count: usize, secs: f64, slot: &str) -> Chil
         .stderr(Stdio::inherit())
         .spawn()
         .expect("start strata-hostile")
-}
-
-fn report(c: Child) -> Value {
-    let o = c.wait_with_output().expect("strata-hostile");
-    let text = String::from_utf8_lossy(&o.stdout);
-    if text.trim().is_empty() {
-        // killed (by the memory monitor: the daemon ballooned)
-        return serde_json::json!({"killed": o.status.to_string()});
-    }
-    serde_json::from_str(text.trim())
-        .unwrap_or_else(|e| panic!("strata-hostile said {text:?}: {e}"))
 }
 
 fn pct(v: &mut [f64], p: f64) -> f64 {
